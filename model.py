@@ -1,0 +1,927 @@
+"""
+Stable Diffusion 1.5 in plain PyTorch: CLIP tokenizer and text encoder, VAE,
+UNet, noise schedule and DDIM sampler, plus loading and saving of the
+diffusers folder layout used on the Hugging Face Hub.
+
+Module attribute paths mirror the checkpoint keys (diffusers for the UNet and
+VAE, transformers for the text encoder), so weights load with
+load_state_dict(strict=True) and no renaming table. Where the checkpoint
+dictates an odd name (`to_out.0`, `ff.net.2`, `conv_norm_out`) a comment says so.
+
+    sd = StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    images = sd.sample(["a photo of an astronaut"], seed=0)   # (1, 3, 512, 512) in [0, 1]
+"""
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# -----------------------------------------------------------------------------
+# configs: SD1.5 defaults, filled from each part's config.json
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: int = 2
+    attention_head_dim: int | tuple = 8  # the NUMBER of heads: a legacy misnomer in diffusers
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    sample_size: int = 64
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215  # absent from the SD1.5 config.json; this is the default
+    sample_size: int = 512
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+
+@dataclass
+class ScheduleConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+
+# config.json values this code does not implement: the value SD1.5 has, and what
+# a different value usually means, so the error can say what was loaded
+UNSUPPORTED = {
+    "unet": dict(
+        addition_embed_type=(None, "an SDXL-style UNet (added text/time embeddings)"),
+        use_linear_projection=(False, "Stable Diffusion 2.x (linear proj_in/proj_out)"),
+        upcast_attention=(False, "Stable Diffusion 2.1 (upcast attention)"),
+        transformer_layers_per_block=(1, "an SDXL-style UNet (several transformer layers per block)"),
+        class_embed_type=(None, "a class-conditioned UNet"),
+        time_cond_proj_dim=(None, "an LCM-distilled UNet"),
+        encoder_hid_dim=(None, "a UNet with an encoder projection"),
+        num_attention_heads=(None, "a UNet that sets num_attention_heads"),
+        only_cross_attention=(False, "a UNet without self-attention"),
+        dual_cross_attention=(False, "a UNet with dual cross-attention"),
+        center_input_sample=(False, "a UNet that centres its input"),
+        flip_sin_to_cos=(True, "a different timestep embedding"),
+        freq_shift=(0, "a different timestep embedding"),
+        time_embedding_type=("positional", "a different timestep embedding"),
+        resnet_time_scale_shift=("default", "scale-shift time conditioning"),
+        mid_block_type=("UNetMidBlock2DCrossAttn", "a different mid block"),
+        act_fn=("silu", "a different activation"),
+        downsample_padding=(1, "a different downsampler"),
+        mid_block_scale_factor=(1, "a scaled mid block"),
+        conv_in_kernel=(3, "a different conv_in"),
+        conv_out_kernel=(3, "a different conv_out"),
+        attention_type=("default", "gated attention"),
+    ),
+    "vae": dict(
+        act_fn=("silu", "a different activation"),
+        shift_factor=(None, "an SD3/Flux-style VAE"),
+        use_quant_conv=(True, "a VAE without quant_conv"),
+        use_post_quant_conv=(True, "a VAE without post_quant_conv"),
+        mid_block_add_attention=(True, "a VAE without mid-block attention"),
+        latents_mean=(None, "an SDXL-style VAE with latent statistics"),
+    ),
+    "text_encoder": dict(),
+    "scheduler": dict(
+        prediction_type=("epsilon", "a v-prediction model (e.g. SD 2.x 768)"),
+        timestep_spacing=("leading", "another timestep spacing"),
+    ),
+}
+
+def config_from_dict(cls, d, part):
+    """Fill a config dataclass from a config.json dict; refuse what this code does not implement."""
+    for key, (want, meaning) in UNSUPPORTED[part].items():
+        got = d.get(key, want)
+        got = tuple(got) if isinstance(got, list) else got
+        if key == "transformer_layers_per_block" and isinstance(got, tuple) and set(got) == {1}:
+            got = 1
+        if got != want:
+            raise ValueError(f"{part}/config.json has {key}={got!r}, which looks like {meaning}. "
+                             f"model.py implements the Stable Diffusion 1.x architecture ({key}={want!r}).")
+    if part == "unet":
+        types = set(d.get("down_block_types", ())) | set(d.get("up_block_types", ()))
+        unknown = types - {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
+        if unknown:
+            raise ValueError(f"unet/config.json has down_block_types/up_block_types {sorted(unknown)}; model.py implements "
+                             "CrossAttnDownBlock2D, DownBlock2D, CrossAttnUpBlock2D and UpBlock2D.")
+    if part == "vae":
+        types = set(d.get("down_block_types", ())) | set(d.get("up_block_types", ()))
+        if types - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
+            raise ValueError(f"vae/config.json has down_block_types/up_block_types {sorted(types)}; model.py implements "
+                             "DownEncoderBlock2D and UpDecoderBlock2D.")
+    if part == "text_encoder" and d.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+        raise ValueError(f"text_encoder/config.json has hidden_act={d['hidden_act']!r}; "
+                         "model.py implements quick_gelu and gelu.")
+    if part == "scheduler" and d.get("beta_schedule", "scaled_linear") not in ("scaled_linear", "linear"):
+        raise ValueError(f"scheduler/scheduler_config.json has beta_schedule={d['beta_schedule']!r}; "
+                         "model.py implements scaled_linear and linear.")
+    kw = {}
+    for f in fields(cls):
+        if d.get(f.name) is not None:
+            v = d[f.name]
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**kw)
+
+# -----------------------------------------------------------------------------
+# CLIP tokenizer (byte-level BPE, built with the `tokenizers` library)
+
+class CLIPTokenizer:
+    """Prompts -> (B, 77) ids: lower case, NFC, whitespace collapsed, BOS ... EOS, padded and truncated to 77."""
+
+    def __init__(self, vocab, merges, pad_token="<|endoftext|>", max_length=77):
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+        from tokenizers.models import BPE
+        self.vocab, self.merges, self.pad_token, self.max_length = vocab, merges, pad_token, max_length
+        self.bos_id, self.eos_id, self.pad_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad_token]
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
+                            fuse_unk=False, unk_token="<|endoftext|>"))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+        # CLIP's word split (contractions, letter runs, single digits, punctuation runs), then bytes
+        words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken("<|startoftext|>", special=True), AddedToken("<|endoftext|>", special=True)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|startoftext|> $A <|endoftext|>",
+            special_tokens=[("<|startoftext|>", self.bos_id), ("<|endoftext|>", self.eos_id)])
+        # truncation keeps BOS and EOS: BOS + 75 tokens + EOS
+        tok.enable_truncation(max_length)
+        tok.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad_token)
+        self.tok = tok
+        self.added = []  # placeholder tokens added after loading, e.g. ["<v1>", "<v2>"]
+
+    @classmethod
+    def from_dir(cls, path):
+        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+        pad = "<|endoftext|>"
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            p = os.path.join(path, name)
+            if os.path.exists(p):
+                with open(p, encoding="utf-8") as f:
+                    v = json.load(f).get("pad_token", pad)
+                pad = v["content"] if isinstance(v, dict) else v
+        return cls(vocab, merges, pad_token=pad)
+
+    def save(self, path):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(self.vocab, f, ensure_ascii=False)
+        with open(os.path.join(path, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                       pad_token=self.pad_token)
+        with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
+            json.dump(special, f, indent=2)
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(dict(special, tokenizer_class="CLIPTokenizer", model_max_length=self.max_length,
+                           do_lower_case=True, errors="replace"), f, indent=2)
+
+    def __len__(self):
+        return len(self.vocab) + len(self.added)
+
+    def add_tokens(self, tokens):
+        """Add placeholder tokens (e.g. "<v1>"); returns their ids, which follow the vocabulary (49408, ...)."""
+        from tokenizers import AddedToken
+        for t in tokens:
+            if t in self.vocab or t in self.added:
+                raise ValueError(f"token {t!r} is already in the vocabulary; choose another placeholder")
+        # normalized=True matches what transformers' add_tokens does for non-special tokens
+        self.tok.add_tokens([AddedToken(t, normalized=True) for t in tokens])
+        self.added += list(tokens)
+        return [self.tok.token_to_id(t) for t in tokens]
+
+    def __call__(self, prompts):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return torch.tensor([e.ids for e in self.tok.encode_batch(prompts)], dtype=torch.long)
+
+# -----------------------------------------------------------------------------
+# CLIP text encoder (transformers' CLIPTextModel)
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal: CLIP's text tower is a GPT
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
+
+class CLIPLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.layer_norm1 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(D, cfg.intermediate_size), fc2=nn.Linear(cfg.intermediate_size, D)))
+        self.quick = cfg.hidden_act == "quick_gelu"
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        h = self.mlp.fc1(self.layer_norm2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)  # quick_gelu: OpenAI CLIP's activation
+        return x + self.mlp.fc2(h)
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        D = cfg.hidden_size
+        self.text_model = nn.ModuleDict(dict(
+            embeddings=nn.ModuleDict(dict(
+                token_embedding=nn.Embedding(cfg.vocab_size, D),
+                position_embedding=nn.Embedding(cfg.max_position_embeddings, D),
+            )),
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers)))),
+            final_layer_norm=nn.LayerNorm(D, eps=cfg.layer_norm_eps),
+        ))
+
+    def resize_token_embeddings(self, n):
+        """Grow the token embedding to n rows for placeholder tokens; old rows are kept, new rows are zero."""
+        old = self.text_model.embeddings.token_embedding
+        if n < old.num_embeddings:
+            raise ValueError(f"cannot shrink the token embedding from {old.num_embeddings} to {n} rows")
+        new = nn.Embedding(n, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.weight[:old.num_embeddings] = old.weight
+        self.text_model.embeddings.token_embedding = new
+        self.config.vocab_size = n
+
+    def forward(self, ids):
+        """(B, T) ids -> (B, T, D) last hidden state after the final layer norm (what SD conditions on)."""
+        m = self.text_model
+        x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding.weight[:ids.shape[1]]
+        for layer in m.encoder.layers:
+            x = layer(x)
+        return m.final_layer_norm(x)
+
+# -----------------------------------------------------------------------------
+# building blocks shared by the UNet and the VAE
+
+class ResnetBlock2D(nn.Module):
+    def __init__(self, cin, cout, groups, eps, temb=None):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        if temb is not None:  # the VAE's resnets have no timestep input
+            self.time_emb_proj = nn.Linear(temb, cout)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        if cin != cout:
+            self.conv_shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, temb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if temb is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (self.conv_shortcut(x) if hasattr(self, "conv_shortcut") else x) + h
+
+class Downsample2D(nn.Module):
+    def __init__(self, c, padding):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:  # the VAE pads right and bottom only, then convolves without padding
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+class Upsample2D(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x, size=None):
+        # nearest 2x, or to the size of the skip it meets (odd sizes in the UNet)
+        x = F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest")
+        return self.conv(x)
+
+# -----------------------------------------------------------------------------
+# attention, and the recorder the attention-refocusing loss reads
+
+class AttentionRecorder:
+    """
+    Records cross-attention probabilities, WITH gradient, for chosen tokens.
+
+    ids: (B, 77) the prompt ids the UNet is conditioned on; token_ids: the vocabulary ids
+    to watch (e.g. [<v1>, <v2>]); resolutions: side lengths of the feature maps to
+    record (SD1.5 at 512 px has 64, 32, 16, 8; the official code uses 16, which
+    picks the 5 layers of down_blocks.2 and up_blocks.1, not the 8x8 mid block).
+    After a UNet forward inside `with unet.record_attention(rec):`, rec.maps holds
+    one (B, heads, h, w, K) tensor per recorded layer and rec.names their modules.
+    A token that appears several times in a prompt gets the sum of its columns;
+    a token absent from a prompt gets zeros.
+    """
+
+    def __init__(self, ids, token_ids, resolutions=(16,)):
+        self.select = torch.stack([(ids == t) for t in token_ids], dim=-1).float()  # (B, 77, K)
+        self.resolutions = set(resolutions)
+        self.maps, self.names = [], []
+
+    def wants(self, hw):
+        return min(hw) in self.resolutions or max(hw) in self.resolutions
+
+    def add(self, name, probs, hw):
+        B = self.select.shape[0]
+        probs = probs.view(B, -1, hw[0] * hw[1], probs.shape[-1])  # (B, heads, hw, 77)
+        cols = probs @ self.select.to(probs)[:, None]  # (B, heads, hw, K)
+        self.maps.append(cols.view(B, cols.shape[1], hw[0], hw[1], -1))
+        self.names.append(name)
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, context_dim=None, bias=False):
+        super().__init__()
+        self.heads = heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # a list of one: the checkpoint key is to_out.0
+        self.recorder, self.name = None, ""  # set by UNet.record_attention
+
+    def forward(self, x, context=None, hw=None):
+        B, T, C = x.shape
+        context = x if context is None else context
+        q, k, v = (t.view(B, -1, self.heads, C // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))  # (B, nh, T, hs)
+        rec = self.recorder
+        if rec is not None and rec.wants(hw):
+            # explicit softmax so the probabilities exist as a tensor; fp32 for the recorded copy
+            probs = ((q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)).float().softmax(dim=-1)
+            rec.add(self.name, probs, hw)
+            y = probs.to(v.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](y.transpose(1, 2).reshape(B, T, C))
+
+class GEGLU(nn.Module):
+    def __init__(self, dim, inner):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x):
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)  # self-attention over pixels
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)  # cross-attention to the 77 text tokens
+        self.norm3 = nn.LayerNorm(dim)
+        # net.1 is a dropout in the checkpoint's module list: Identity keeps the index of net.2
+        self.ff = nn.ModuleDict(dict(net=nn.ModuleList([GEGLU(dim, dim * 4), nn.Identity(), nn.Linear(dim * 4, dim)])))
+
+    def forward(self, x, context, hw):
+        x = x + self.attn1(self.norm1(x), hw=hw)
+        x = x + self.attn2(self.norm2(x), context, hw=hw)
+        for layer in self.ff.net:
+            h = layer(self.norm3(x)) if layer is self.ff.net[0] else layer(h)
+        return x + h
+
+class Transformer2DModel(nn.Module):
+    """A spatial transformer: the checkpoint calls each one `attentions.N`."""
+
+    def __init__(self, c, heads, context_dim, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.proj_in = nn.Conv2d(c, c, 1)  # 1x1 convs in SD1.x (SD2 uses Linear here)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, context_dim)])
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        for block in self.transformer_blocks:
+            h = block(h, context, (H, W))
+        return x + self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
+
+# -----------------------------------------------------------------------------
+# UNet (diffusers' UNet2DConditionModel, SD1.x configuration)
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of the timestep, cos first (flip_sin_to_cos=True, freq_shift=0)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.config = cfg
+        ch, L, G, eps = cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.norm_eps
+        heads = cfg.attention_head_dim
+        heads = list(heads) if isinstance(heads, tuple) else [heads] * len(ch)
+        temb = ch[0] * 4
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = nn.ModuleDict(dict(linear_1=nn.Linear(ch[0], temb), linear_2=nn.Linear(temb, temb)))
+
+        def attention(c, h):
+            return Transformer2DModel(c, h, cfg.cross_attention_dim, G)
+
+        # down path; `skips` tracks the channels of every tensor saved for the up path
+        self.down_blocks, skips, cin = nn.ModuleList(), [ch[0]], ch[0]
+        for i, (c, kind) in enumerate(zip(ch, cfg.down_block_types)):
+            block = nn.ModuleDict(dict(resnets=nn.ModuleList()))
+            if kind == "CrossAttnDownBlock2D":
+                block.attentions = nn.ModuleList()
+            for j in range(L):
+                block.resnets.append(ResnetBlock2D(cin if j == 0 else c, c, G, eps, temb))
+                if "attentions" in block:
+                    block.attentions.append(attention(c, heads[i]))
+                skips.append(c)
+            if i < len(ch) - 1:
+                block.downsamplers = nn.ModuleList([Downsample2D(c, padding=1)])
+                skips.append(c)
+            self.down_blocks.append(block)
+            cin = c
+        self.mid_block = nn.ModuleDict(dict(
+            resnets=nn.ModuleList([ResnetBlock2D(ch[-1], ch[-1], G, eps, temb) for _ in range(2)]),
+            attentions=nn.ModuleList([attention(ch[-1], heads[-1])]),
+        ))
+        # up path: each resnet eats one skip, in reverse order
+        self.up_blocks, rch, rheads = nn.ModuleList(), ch[::-1], heads[::-1]
+        for i, (c, kind) in enumerate(zip(rch, cfg.up_block_types)):
+            block = nn.ModuleDict(dict(resnets=nn.ModuleList()))
+            if kind == "CrossAttnUpBlock2D":
+                block.attentions = nn.ModuleList()
+            for j in range(L + 1):
+                block.resnets.append(ResnetBlock2D(cin + skips.pop(), c, G, eps, temb))
+                if "attentions" in block:
+                    block.attentions.append(attention(c, rheads[i]))
+                cin = c
+            if i < len(ch) - 1:
+                block.upsamplers = nn.ModuleList([Upsample2D(c)])
+            self.up_blocks.append(block)
+        self.conv_norm_out = nn.GroupNorm(G, ch[0], eps=eps)  # a GroupNorm, despite the name
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.gradient_checkpointing = False
+
+    @contextmanager
+    def record_attention(self, recorder):
+        """Inside this block, cross-attention layers report their probabilities to `recorder`."""
+        attns = [(n, m) for n, m in self.named_modules() if n.endswith("attn2")]
+        for n, m in attns:
+            m.recorder, m.name = recorder, n
+        try:
+            yield recorder
+        finally:
+            for _, m in attns:
+                m.recorder = None
+
+    def _run(self, module, *args):
+        # gradient checkpointing trades compute for memory in training; off by default
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def forward(self, x, t, context):
+        """x: (B, 4, h, w) noisy latents, t: timesteps (B,) or scalar, context: (B, 77, D) -> predicted noise."""
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        emb = timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype)
+        emb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb)))
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            for j, resnet in enumerate(block.resnets):
+                x = self._run(resnet, x, emb)
+                if "attentions" in block:
+                    x = self._run(block.attentions[j], x, context)
+                skips.append(x)
+            if "downsamplers" in block:
+                x = block.downsamplers[0](x)
+                skips.append(x)
+        x = self._run(self.mid_block.resnets[0], x, emb)
+        x = self._run(self.mid_block.attentions[0], x, context)
+        x = self._run(self.mid_block.resnets[1], x, emb)
+        for block in self.up_blocks:
+            for j, resnet in enumerate(block.resnets):
+                x = self._run(resnet, torch.cat([x, skips.pop()], dim=1), emb)
+                if "attentions" in block:
+                    x = self._run(block.attentions[j], x, context)
+            if "upsamplers" in block:
+                x = block.upsamplers[0](x, skips[-1].shape[-2:])
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+# -----------------------------------------------------------------------------
+# VAE (diffusers' AutoencoderKL)
+
+class VAEAttention(nn.Module):
+    """The VAE mid block's single-head self-attention over all pixels, with its own norm and residual."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # checkpoint key to_out.0
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.group_norm(x).view(B, C, H * W).transpose(1, 2)[:, None]  # (B, 1, HW, C)
+        y = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+        return x + self.to_out[0](y[:, 0]).transpose(1, 2).view(B, C, H, W)
+
+def vae_mid_block(c, groups):
+    return nn.ModuleDict(dict(
+        resnets=nn.ModuleList([ResnetBlock2D(c, c, groups, 1e-6) for _ in range(2)]),
+        attentions=nn.ModuleList([VAEAttention(c, groups)]),
+    ))
+
+def run_mid_block(mid, x):
+    return mid.resnets[1](mid.attentions[0](mid.resnets[0](x)))
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.config = cfg
+        ch, L, G = cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups
+        eps = 1e-6  # every GroupNorm in the VAE
+        down, cin = nn.ModuleList(), ch[0]
+        for i, c in enumerate(ch):
+            block = nn.ModuleDict(dict(resnets=nn.ModuleList(ResnetBlock2D(cin if j == 0 else c, c, G, eps) for j in range(L))))
+            if i < len(ch) - 1:
+                block.downsamplers = nn.ModuleList([Downsample2D(c, padding=0)])
+            down.append(block)
+            cin = c
+        self.encoder = nn.ModuleDict(dict(
+            conv_in=nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1),
+            down_blocks=down,
+            mid_block=vae_mid_block(ch[-1], G),
+            conv_norm_out=nn.GroupNorm(G, ch[-1], eps=eps),
+            conv_out=nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1),  # mean and log-variance
+        ))
+        up, cin = nn.ModuleList(), ch[-1]
+        for i, c in enumerate(ch[::-1]):
+            block = nn.ModuleDict(dict(resnets=nn.ModuleList(ResnetBlock2D(cin if j == 0 else c, c, G, eps) for j in range(L + 1))))
+            if i < len(ch) - 1:
+                block.upsamplers = nn.ModuleList([Upsample2D(c)])
+            up.append(block)
+            cin = c
+        self.decoder = nn.ModuleDict(dict(
+            conv_in=nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1),
+            mid_block=vae_mid_block(ch[-1], G),
+            up_blocks=up,
+            conv_norm_out=nn.GroupNorm(G, ch[0], eps=eps),
+            conv_out=nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1),
+        ))
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def encode(self, x):
+        """Images in [-1, 1] (B, 3, H, W) -> (mean, logvar) of the posterior, each (B, 4, H/8, W/8), unscaled."""
+        e = self.encoder
+        h = e.conv_in(x)
+        for block in e.down_blocks:
+            for resnet in block.resnets:
+                h = resnet(h)
+            if "downsamplers" in block:
+                h = block.downsamplers[0](h)
+        h = run_mid_block(e.mid_block, h)
+        h = self.quant_conv(e.conv_out(F.silu(e.conv_norm_out(h))))
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z):
+        """Unscaled latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w). Divide SD latents by scaling_factor first."""
+        d = self.decoder
+        h = run_mid_block(d.mid_block, d.conv_in(self.post_quant_conv(z)))
+        for block in d.up_blocks:
+            for resnet in block.resnets:
+                h = resnet(h)
+            if "upsamplers" in block:
+                h = block.upsamplers[0](h)
+        return d.conv_out(F.silu(d.conv_norm_out(h)))
+
+# -----------------------------------------------------------------------------
+# noise schedule and DDIM
+
+class Schedule:
+    """The training noise schedule (DDPM, 1000 steps) and the DDIM sampler's step."""
+
+    def __init__(self, cfg: ScheduleConfig):
+        self.config = cfg
+        T = cfg.num_train_timesteps
+        if cfg.beta_schedule == "scaled_linear":  # linear in sqrt(beta): SD's schedule
+            betas = torch.linspace(cfg.beta_start ** 0.5, cfg.beta_end ** 0.5, T, dtype=torch.float64) ** 2
+        else:
+            betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()  # abar_t, (T,)
+        # the abar the last DDIM step lands on: 1 ("alpha to one") or abar_0, as SD1.5 configures it
+        self.final_alpha = 1.0 if cfg.set_alpha_to_one else self.alphas_cumprod[0].item()
+
+    def abar(self, t, like):
+        return self.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+
+    def add_noise(self, x0, noise, t):
+        """q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        a = self.abar(t, x0)
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def predict_x0(self, xt, eps, t):
+        """Tweedie's estimate of x0 from the predicted noise (paper eq. 7's z0_hat)."""
+        a = self.abar(t, xt)
+        return (xt - (1 - a).sqrt() * eps) / a.sqrt()
+
+    def ddim_timesteps(self, steps):
+        """'leading' spacing + steps_offset: for 50 steps, 981, 961, ..., 1."""
+        ratio = self.config.num_train_timesteps // steps
+        return (torch.arange(steps - 1, -1, -1) * ratio + self.config.steps_offset).tolist()
+
+    def ddim_step(self, x, eps, t, t_prev, eta=0.0, generator=None):
+        """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12)."""
+        a = self.alphas_cumprod[t].item()
+        a_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha
+        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
+        x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x_prev
+
+# -----------------------------------------------------------------------------
+# the pipeline: loading, saving, sampling
+
+PARTS = {  # folder: (config file, weights file stem)
+    "unet": ("config.json", "diffusion_pytorch_model"),
+    "vae": ("config.json", "diffusion_pytorch_model"),
+    "text_encoder": ("config.json", "model"),
+}
+
+def weights_name(part, variant=None):
+    stem = PARTS[part][1]
+    return f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
+
+def fix_legacy_keys(part, sd):
+    """The one place where file keys differ from module paths; everything else loads as named."""
+    if part == "text_encoder":
+        sd.pop("text_model.embeddings.position_ids", None)  # a buffer of 0..76 in older files, not a weight
+        sd.pop("embeddings.position_ids", None)
+        if not any(k.startswith("text_model.") for k in sd):  # transformers 5 saves without the prefix
+            sd = {"text_model." + k: v for k, v in sd.items()}
+    if part == "vae":  # older diffusers names of the mid-block attention
+        legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+        out = {}
+        for k, v in sd.items():
+            for old, new in legacy.items():
+                if old in k:
+                    k = k.replace(old, new)
+                    v = v.squeeze(-1).squeeze(-1) if v.dim() == 4 else v  # 1x1 conv weights in the oldest files
+            out[k] = v
+        sd = out
+    return sd
+
+def load_strict(module, sd, path):
+    """load_state_dict(strict=True), with an error that names the first mismatching keys and the file."""
+    want = module.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(want[k].shape)}"
+              for k in want if k in sd and sd[k].shape != want[k].shape]
+    if missing or unexpected or shapes:
+        msg = [f"{path} does not match the model built from its config.json:"]
+        for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                msg.append(f"  {len(items)} {name}, e.g. " + ", ".join(items[:5]))
+        raise ValueError("\n".join(msg))
+    module.load_state_dict(sd, strict=True, assign=True)
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: a diffusers-layout model folder needs it")
+    with open(path) as f:
+        return json.load(f)
+
+def hub_download(repo_id, variant=None):
+    """Fetch only the files the pipeline needs (no safety checker, no .ckpt) through huggingface_hub's cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    patterns += [f"{p}/{PARTS[p][0]}" for p in PARTS] + [f"{p}/{weights_name(p, variant)}" for p in PARTS]
+    try:
+        path = snapshot_download(repo_id, allow_patterns=patterns)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the Hub could not be reached or refused the request"
+        raise RuntimeError(
+            f"could not get '{repo_id}' from the Hugging Face Hub ({why}) and it is not in the cache {HF_HUB_CACHE}.\n"
+            f"Fix: run once with network access, or on another machine run\n"
+            f"  hf download {repo_id} --include {' '.join(patterns)} --local-dir <dir>\n"
+            f"copy <dir> here and pass its path as init_from.\n({type(e).__name__}: {e})") from e
+    for p in PARTS:
+        if not os.path.exists(os.path.join(path, p, weights_name(p, variant))):
+            raise FileNotFoundError(f"'{repo_id}' has no {p}/{weights_name(p, variant)}"
+                                    + (f" (is there a '{variant}' variant?)" if variant else ""))
+    return path
+
+def tiny_path():
+    root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(root, "magicapture", "tiny-sd")
+
+class StableDiffusion(nn.Module):
+    def __init__(self, tokenizer, text_encoder, vae, unet, schedule):
+        super().__init__()
+        self.tokenizer, self.schedule = tokenizer, schedule
+        self.text_encoder, self.vae, self.unet = text_encoder, vae, unet
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir=DEFAULT_REPO, device="cpu", dtype=torch.float32, variant=None):
+        """
+        Load a diffusers-layout pipeline from a local folder, a Hub repo id, or "tiny"
+        (a small random pipeline built and saved on first use; runs anywhere).
+        variant="fp16" picks the *.fp16.safetensors files (half the download).
+        """
+        if os.path.isdir(name_or_dir):
+            path = name_or_dir
+        elif name_or_dir == "tiny":
+            path = tiny_path()
+            if not os.path.exists(os.path.join(path, "model_index.json")):
+                print(f"building the tiny random pipeline in {path}")
+                cls.tiny().save_pretrained(path)
+        elif name_or_dir.count("/") == 1 and not name_or_dir.startswith((".", "/", "~")):
+            path = hub_download(name_or_dir, variant)
+        else:
+            raise FileNotFoundError(f"init_from={name_or_dir!r} is neither a folder nor a Hub repo id "
+                                    f"(owner/name, e.g. {DEFAULT_REPO}) nor 'tiny'")
+        read_json(os.path.join(path, "model_index.json"))
+        configs = {p: read_json(os.path.join(path, p, PARTS[p][0])) for p in PARTS}
+        sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
+        tokenizer = CLIPTokenizer.from_dir(os.path.join(path, "tokenizer"))
+        # build on the meta device (no random init of 1B parameters), then take the file's tensors
+        with torch.device("meta"):
+            parts = dict(
+                unet=UNet(config_from_dict(UNetConfig, configs["unet"], "unet")),
+                vae=AutoencoderKL(config_from_dict(VAEConfig, configs["vae"], "vae")),
+                text_encoder=CLIPTextModel(config_from_dict(TextConfig, configs["text_encoder"], "text_encoder")),
+            )
+        for p, module in parts.items():
+            file = os.path.join(path, p, weights_name(p, variant))
+            if not os.path.exists(file):
+                raise FileNotFoundError(f"{file} is missing" + (f" (no '{variant}' variant?)" if variant else ""))
+            load_strict(module, fix_legacy_keys(p, load_file(file)), file)
+            module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        schedule = Schedule(config_from_dict(ScheduleConfig, sched, "scheduler"))
+        return cls(tokenizer, parts["text_encoder"], parts["vae"], parts["unet"], schedule)
+
+    def save_pretrained(self, path):
+        """Write the diffusers folder layout; diffusers' StableDiffusionPipeline.from_pretrained reads it."""
+        if self.tokenizer.added:
+            raise ValueError(f"the tokenizer holds placeholder tokens {self.tokenizer.added}; save those with "
+                             "the training outputs (learned_embeds.safetensors), not into the base pipeline")
+        meta = {
+            "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+            "text_encoder": ("transformers", "CLIPTextModel"),
+        }
+        for p, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+            os.makedirs(os.path.join(path, p), exist_ok=True)
+            cfg = {"_class_name": meta[p][1], **asdict(module.config)}
+            if p == "unet":
+                cfg.update(sample_size=module.config.sample_size, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+                           mid_block_type="UNetMidBlock2DCrossAttn", downsample_padding=1)
+            if p == "vae":
+                n = len(module.config.block_out_channels)
+                cfg.update(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
+            if p == "text_encoder":  # special ids from the tokenizer: the SD1.5 file's 0/2/1 are wrong for CLIP
+                cfg.update(architectures=["CLIPTextModel"], model_type="clip_text_model",
+                           bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
+                           pad_token_id=self.tokenizer.pad_id)
+            with open(os.path.join(path, p, PARTS[p][0]), "w") as f:
+                json.dump(cfg, f, indent=2)
+            tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            save_file(tensors, os.path.join(path, p, weights_name(p)))
+        self.tokenizer.save(os.path.join(path, "tokenizer"))
+        os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+        with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+            json.dump({"_class_name": "DDIMScheduler", **asdict(self.schedule.config), "clip_sample": False,
+                       "prediction_type": "epsilon", "timestep_spacing": "leading"}, f, indent=2)
+        index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+                 "safety_checker": [None, None], "feature_extractor": [None, None],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+        index.update({p: list(m) for p, m in meta.items()})
+        with open(os.path.join(path, "model_index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+    @classmethod
+    def tiny(cls, seed=0):
+        """A small random pipeline with SD1.5's architecture (4 levels, 8x VAE) and a vocabulary built here."""
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer()
+        text = CLIPTextModel(TextConfig(vocab_size=len(tokenizer.vocab), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2, projection_dim=32))
+        vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+                                      sample_size=128))
+        unet = UNet(UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=2,
+                               cross_attention_dim=32, norm_num_groups=8, sample_size=16))
+        return cls(tokenizer, text.eval().requires_grad_(False), vae.eval().requires_grad_(False),
+                   unet.eval().requires_grad_(False), Schedule(ScheduleConfig()))
+
+    def encode_prompts(self, prompts):
+        ids = self.tokenizer(prompts).to(self.device)
+        return self.text_encoder(ids)
+
+    @property
+    def device(self):
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self):
+        return self.unet.conv_in.weight.dtype
+
+    @torch.no_grad()
+    def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, seed=None, latents=None,
+               height=512, width=512, progress=False):
+        """DDIM with classifier-free guidance -> images (B, 3, H, W) in [0, 1]."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        B = len(prompts)
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        if latents is None:
+            shape = (B, self.vae.config.latent_channels, height // 8, width // 8)
+            latents = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+        x = latents.to(self.device, self.dtype)
+        negative = [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt)
+        context = self.encode_prompts(negative + prompts)  # (2B, 77, D): unconditional first
+        timesteps = self.schedule.ddim_timesteps(steps)
+        ratio = self.schedule.config.num_train_timesteps // steps
+        bar = timesteps
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(timesteps, desc="DDIM", unit="step")
+        for t in bar:
+            eps_uncond, eps_text = self.unet(torch.cat([x, x]), t, context).chunk(2)
+            eps = eps_uncond + guidance * (eps_text - eps_uncond)  # classifier-free guidance
+            x = self.schedule.ddim_step(x, eps, t, t - ratio, eta, generator)
+        images = self.vae.decode(x / self.vae.config.scaling_factor)
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+def tiny_tokenizer():
+    """A CLIP-style byte-level BPE vocabulary built here: the 512 byte symbols, merges that spell
+    common prompt words whole, and the two special tokens."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for bytes, GPT-2 style
+    alphabet.sort()
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": i + 256 for i, c in enumerate(alphabet)})
+    words = ("a an the of in on at with and by photo painting portrait picture style person man woman face "
+             "smiling wearing wedding passport studio light dark red blue green black white old young "
+             "beautiful oil watercolor sketch drawing cinematic close up background hair eyes astronaut").split()
+    merges = []
+    for w in words:  # merge left to right, so the last merge produces the whole word with </w>
+        piece = w[0]
+        for i, c in enumerate(w[1:], 1):
+            right = c + "</w>" if i == len(w) - 1 else c
+            if (piece, right) not in merges:
+                merges.append((piece, right))
+                vocab.setdefault(piece + right, len(vocab))
+            piece = piece + right
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab, merges)

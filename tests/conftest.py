@@ -1,0 +1,65 @@
+"""Shared fixtures: small random reference models from diffusers/transformers saved in the Hub's layout."""
+import json
+import os
+
+import pytest
+import torch
+
+import model
+
+def rel_err(a, b):
+    """max |a - b| / max |b|: the parity measure the tests report."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+def save_reference_pipeline(path, unet_kwargs, vae_kwargs, text_kwargs, seed=0):
+    """Random diffusers UNet/VAE and transformers CLIP text model saved as a diffusers-layout folder,
+    with the tiny tokenizer's files. Returns the reference modules."""
+    import diffusers
+    import transformers
+    torch.manual_seed(seed)
+    tok = model.tiny_tokenizer()
+    tok.save(os.path.join(path, "tokenizer"))
+    unet = diffusers.UNet2DConditionModel(**unet_kwargs).eval()
+    vae = diffusers.AutoencoderKL(**vae_kwargs).eval()
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tok.vocab), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+        **text_kwargs)).eval()
+    # random LayerNorm/GroupNorm affine parameters, so a swapped weight and bias would show
+    with torch.no_grad():
+        for m in (unet, vae, text):
+            for name, p in m.named_parameters():
+                if "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+    unet.save_pretrained(os.path.join(path, "unet"))
+    vae.save_pretrained(os.path.join(path, "vae"))
+    text.save_pretrained(os.path.join(path, "text_encoder"))
+    diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                            set_alpha_to_one=False, clip_sample=False).save_pretrained(os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionPipeline"}, f)
+    return unet, vae, text
+
+SMALL = dict(
+    # 3 levels, 2 layers per block, per-level head counts: unlike the tiny default on purpose
+    unet_kwargs=dict(block_out_channels=(32, 64, 64), layers_per_block=2, attention_head_dim=(2, 4, 4),
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                     cross_attention_dim=32, norm_num_groups=8, sample_size=16),
+    vae_kwargs=dict(block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8, latent_channels=4,
+                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2),
+    text_kwargs=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=77, hidden_act="quick_gelu"),
+)
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """(folder, (unet, vae, text)) of a small random reference pipeline."""
+    path = str(tmp_path_factory.mktemp("reference"))
+    return path, save_reference_pipeline(path, **SMALL)
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Our tiny random pipeline saved with save_pretrained."""
+    path = str(tmp_path_factory.mktemp("tiny"))
+    model.StableDiffusion.tiny().save_pretrained(path)
+    return path

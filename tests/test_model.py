@@ -1,0 +1,321 @@
+"""model.py against diffusers/transformers on small random configs, plus loading edge cases.
+Run: python -m pytest -q tests/test_model.py"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model
+from conftest import rel_err
+
+TOL = 1e-4  # relative max abs difference allowed in fp32
+
+def load(path):
+    return model.StableDiffusion.from_pretrained(path)
+
+def test_text_encoder_matches_transformers(reference):
+    """Last hidden state (after final_layer_norm) equals transformers' CLIPTextModel."""
+    path, (_, _, text) = reference
+    sd = load(path)
+    ids = sd.tokenizer(["a photo of a person", "", "an old oil painting, dark background"])
+    ours = sd.text_encoder(ids)
+    with torch.no_grad():
+        ref = text(ids).last_hidden_state
+    err = rel_err(ours, ref)
+    assert err < TOL, f"text encoder rel err {err:.2e}"
+
+def test_unet_matches_diffusers(reference):
+    """Noise prediction equals diffusers' UNet2DConditionModel, on an odd latent size (10 wide)."""
+    path, (unet, _, _) = reference
+    sd = load(path)
+    torch.manual_seed(1)
+    x, ctx = torch.randn(2, 4, 12, 10), torch.randn(2, 77, 32)
+    t = torch.tensor([981, 7])
+    ours = sd.unet(x, t, ctx)
+    with torch.no_grad():
+        ref = unet(x, t, encoder_hidden_states=ctx).sample
+    err = rel_err(ours, ref)
+    assert err < TOL, f"UNet rel err {err:.2e}"
+
+def test_vae_matches_diffusers(reference):
+    """Posterior mean/logvar and decoded images equal diffusers' AutoencoderKL."""
+    path, (_, vae, _) = reference
+    sd = load(path)
+    torch.manual_seed(2)
+    img = torch.rand(2, 3, 24, 20) * 2 - 1
+    mean, logvar = sd.vae.encode(img)
+    z = torch.randn_like(mean)
+    with torch.no_grad():
+        post = vae.encode(img).latent_dist
+        dec = vae.decode(z).sample
+    for name, a, b in (("mean", mean, post.mean), ("logvar", logvar, post.logvar), ("decode", sd.vae.decode(z), dec)):
+        err = rel_err(a, b)
+        assert err < TOL, f"VAE {name} rel err {err:.2e}"
+
+def test_legacy_files_load_and_match(reference, tmp_path):
+    """Legacy VAE names (query/key/value/proj_attn), text keys with the text_model. prefix and a
+    position_ids buffer load strictly and give the same outputs."""
+    path, (_, vae, text) = reference
+    legacy = str(tmp_path / "legacy")
+    shutil.copytree(path, legacy)
+    f = os.path.join(legacy, "vae", "diffusion_pytorch_model.safetensors")
+    names = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    sd = load_file(f)
+    renamed = {}
+    for k, v in sd.items():
+        for new, old in names.items():
+            if "mid_block.attentions" in k and f".{new}." in k:
+                k = k.replace(f".{new}.", f".{old}.")
+        renamed[k] = v
+    assert any(".proj_attn." in k for k in renamed)
+    save_file(renamed, f)
+    f = os.path.join(legacy, "text_encoder", "model.safetensors")
+    sd = {"text_model." + k: v for k, v in load_file(f).items()}
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    save_file(sd, f)
+    ours = load(legacy)
+    z = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert rel_err(ours.vae.decode(z), vae.decode(z).sample) < TOL
+        ids = ours.tokenizer(["a red face"])
+        assert rel_err(ours.text_encoder(ids), text(ids).last_hidden_state) < TOL
+
+def test_diffusers_loads_our_saved_pipeline(tiny_dir):
+    """save_pretrained writes a folder diffusers' StableDiffusionPipeline loads, with identical weights."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    sd = load(tiny_dir)
+    for ours, ref in ((sd.unet, pipe.unet), (sd.vae, pipe.vae)):
+        theirs = ref.state_dict()
+        for k, v in ours.state_dict().items():
+            assert torch.equal(v, theirs[k]), k
+    assert isinstance(pipe.scheduler, diffusers.DDIMScheduler)
+
+def test_ddim_timesteps():
+    """50 DDIM steps with 'leading' spacing and steps_offset 1 are 981, 961, ..., 1 (as diffusers)."""
+    import diffusers
+    ts = model.Schedule(model.ScheduleConfig()).ddim_timesteps(50)
+    assert ts[:3] == [981, 961, 941] and ts[-1] == 1 and len(ts) == 50
+    ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+    for n in (20, 50, 37):
+        ref.set_timesteps(n)
+        assert model.Schedule(model.ScheduleConfig()).ddim_timesteps(n) == ref.timesteps.tolist()
+
+def test_schedule_matches_diffusers():
+    """alphas_cumprod and add_noise equal diffusers' DDPM schedule for SD1.5."""
+    import diffusers
+    ref = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    s = model.Schedule(model.ScheduleConfig())
+    assert torch.allclose(s.alphas_cumprod, ref.alphas_cumprod.float(), atol=1e-7)
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
+    assert torch.allclose(s.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-6)
+    xt = s.add_noise(x0, noise, t)
+    assert torch.allclose(s.predict_x0(xt, noise, t), x0, atol=1e-3)
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_sample_matches_diffusers_pipeline(tiny_dir, eta):
+    """20 DDIM steps with guidance from given latents equal diffusers' StableDiffusionPipeline within 5e-3."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    sd = load(tiny_dir)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompts = ["a photo of a person", "an oil painting of a woman"]
+    kw = dict(num_inference_steps=20, guidance_scale=7.5, negative_prompt=["blurry", ""], latents=latents,
+              output_type="pt", eta=eta)
+    if eta:  # eta > 0 draws noise at each step: give both the same stream
+        kw["generator"] = torch.Generator().manual_seed(5)
+    ref = pipe(prompts, **kw).images
+    ours = sd.sample(prompts, negative_prompt=["blurry", ""], steps=20, guidance=7.5, latents=latents, eta=eta,
+                     seed=5 if eta else None, height=128, width=128)
+    err = (ours - ref).abs().max().item()
+    assert err < 5e-3, f"max pixel difference {err:.2e}"
+
+def test_sample_seed_reproducible(tiny_dir):
+    """The same seed gives the same images; another seed does not."""
+    sd = load(tiny_dir)
+    a, b, c = (sd.sample(["a face"], steps=3, seed=s, height=64, width=64) for s in (0, 0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == (1, 3, 64, 64)
+    assert 0 <= a.min() and a.max() <= 1
+
+# --- tokenizer ---------------------------------------------------------------
+
+PROMPTS = [
+    "a photo of a person",
+    "A PHOTO   of\ta\nPerson",                 # case and whitespace
+    "an old oil painting, dark background!!! (close-up); 1024x768",  # punctuation and digits
+    "portrait of a woman, smiling " * 20,   # longer than 77 tokens: truncated with EOS kept
+    "café naïve Zoë — 東京 🙂",              # non-ASCII: byte-level fallback, NFC
+    "cafe\u0301 vs caf\u00e9",              # NFC makes both spellings the same
+    "",
+    "it's the person's face; they'll smile",  # contractions
+]
+
+def test_tokenizer_matches_transformers(tiny_dir):
+    """Ids equal transformers' CLIPTokenizer on the same vocab files, with and without placeholder tokens."""
+    import transformers
+    ref = transformers.CLIPTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer"))
+    ours = model.CLIPTokenizer.from_dir(os.path.join(tiny_dir, "tokenizer"))
+    def check(prompts):
+        want = ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        got = ours(prompts)
+        for i, p in enumerate(prompts):
+            assert torch.equal(got[i], want[i]), f"{p!r}: {got[i][:20].tolist()} vs {want[i][:20].tolist()}"
+    check(PROMPTS)
+    assert ours(PROMPTS[3])[0, -1] == ours.eos_id and ours(PROMPTS[3]).shape == (1, 77)
+    n = len(ours.vocab)
+    assert ours.add_tokens(["<v1>", "<v2>"]) == [n, n + 1]
+    ref.add_tokens(["<v1>", "<v2>"])
+    check(["a photo of <v1> person in the <v2> style", "<v1>,<v2>", "a <V1> face"])
+
+def test_tokenizer_rejects_existing_token(tiny_dir):
+    """Adding a token already in the vocabulary is an error, not a silent alias."""
+    tok = model.CLIPTokenizer.from_dir(os.path.join(tiny_dir, "tokenizer"))
+    tok.add_tokens(["<v1>"])
+    with pytest.raises(ValueError, match="already in the vocabulary"):
+        tok.add_tokens(["<v1>"])
+
+# --- attention recording -----------------------------------------------------
+
+def test_attention_recorder(tiny_dir):
+    """Recorded probabilities equal an independent softmax, carry gradient to the UNet,
+    and leave the output unchanged; without a recorder nothing is kept."""
+    sd = load(tiny_dir)
+    v = sd.tokenizer.add_tokens(["<v1>"])[0]
+    sd.text_encoder.resize_token_embeddings(len(sd.tokenizer))
+    ids = sd.tokenizer(["a photo of <v1> person", "a photo"])
+    ctx = sd.text_encoder(ids)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 500])
+    before = sd.unet(x, t, ctx)
+    # hook the input of one 8x8 cross-attention layer to compute its softmax independently
+    layer = sd.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
+    seen = {}
+    hook = layer.register_forward_hook(lambda m, args, kw, out: seen.update(x=args[0]), with_kwargs=True)
+    sd.unet.requires_grad_(True)
+    rec = model.AttentionRecorder(ids, [v, sd.tokenizer.eos_id], resolutions=(8,))
+    with sd.unet.record_attention(rec):
+        out = sd.unet(x, t, ctx)
+    hook.remove()
+    assert torch.allclose(out, before, atol=1e-5), (out - before).abs().max()
+    # 8x8 layers: down_blocks.1 (1 layer) and up_blocks.2 (2 layers) for layers_per_block=1
+    assert rec.names == ["down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+                         "up_blocks.2.attentions.0.transformer_blocks.0.attn2",
+                         "up_blocks.2.attentions.1.transformer_blocks.0.attn2"], rec.names
+    m = rec.maps[0]
+    assert m.shape == (2, 2, 8, 8, 2)
+    q = layer.to_q(seen["x"]).view(2, 64, 2, 16).transpose(1, 2)
+    k = layer.to_k(ctx).view(2, 77, 2, 16).transpose(1, 2)
+    p = torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1)  # (B, heads, 64, 77)
+    pos = (ids[0] == v).nonzero().item()
+    assert torch.allclose(m[0, :, :, :, 0].reshape(2, 64), p[0, :, :, pos], atol=1e-6)
+    assert torch.equal(m[1, ..., 0], torch.zeros_like(m[1, ..., 0]))  # <v1> absent from prompt 2
+    eos = ids[1] == sd.tokenizer.eos_id  # EOS appears many times (padding): columns summed
+    assert torch.allclose(m[1, ..., 1].reshape(2, 64), p[1][:, :, eos].sum(-1), atol=1e-5)
+    m.sum().backward()
+    g = layer.to_q.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    # recorder detached afterwards: the same call now records nothing and gives the same output
+    assert all(a.recorder is None for n, a in sd.unet.named_modules() if n.endswith("attn2"))
+    assert torch.equal(sd.unet(x, t, ctx), before)
+
+def test_gradient_checkpointing_same_gradients(tiny_dir):
+    """Gradient checkpointing changes memory, not the gradients."""
+    sd = load(tiny_dir)
+    sd.unet.requires_grad_(True)
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    grads = []
+    for ckpt in (False, True):
+        sd.unet.gradient_checkpointing = ckpt
+        sd.unet.zero_grad()
+        sd.unet(x, 10, ctx).square().mean().backward()
+        grads.append(sd.unet.conv_in.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+# --- loading errors ----------------------------------------------------------
+
+def edit_config(path, part, **changes):
+    f = os.path.join(path, part, "config.json" if part != "scheduler" else "scheduler_config.json")
+    with open(f) as fh:
+        cfg = json.load(fh)
+    cfg.update(changes)
+    with open(f, "w") as fh:
+        json.dump(cfg, fh)
+
+@pytest.mark.parametrize("part,change,message", [
+    ("unet", dict(use_linear_projection=True), "Stable Diffusion 2"),
+    ("unet", dict(addition_embed_type="text_time"), "SDXL"),
+    ("unet", dict(transformer_layers_per_block=[1, 2, 10]), "SDXL"),
+    ("scheduler", dict(prediction_type="v_prediction"), "v-prediction"),
+    ("unet", dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 4), "SimpleCrossAttnDownBlock2D"),
+])
+def test_unsupported_config_is_named(tiny_dir, tmp_path, part, change, message):
+    """A config this code does not implement fails before any weight is read, naming the field."""
+    path = str(tmp_path / "m")
+    shutil.copytree(tiny_dir, path)
+    edit_config(path, part, **change)
+    with pytest.raises(ValueError, match=message) as e:
+        load(path)
+    assert list(change)[0] in str(e.value)
+
+def test_missing_file_is_named(tiny_dir, tmp_path):
+    """A missing weights file or config names the path."""
+    path = str(tmp_path / "m")
+    shutil.copytree(tiny_dir, path)
+    os.remove(os.path.join(path, "vae", "diffusion_pytorch_model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="vae/diffusion_pytorch_model.safetensors"):
+        load(path)
+    with pytest.raises(FileNotFoundError, match="fp16"):
+        model.StableDiffusion.from_pretrained(tiny_dir, variant="fp16")
+    os.remove(os.path.join(path, "unet", "config.json"))
+    with pytest.raises(FileNotFoundError, match="unet/config.json"):
+        load(path)
+
+def test_key_and_shape_mismatch_are_named(tiny_dir, tmp_path):
+    """A missing key, an unexpected key and a wrong shape are each reported by name."""
+    path = str(tmp_path / "m")
+    shutil.copytree(tiny_dir, path)
+    f = os.path.join(path, "unet", "diffusion_pytorch_model.safetensors")
+    sd = load_file(f)
+    del sd["conv_in.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    sd["conv_out.weight"] = torch.zeros(1, 2, 3, 3)
+    save_file(sd, f)
+    with pytest.raises(ValueError) as e:
+        load(path)
+    msg = str(e.value)
+    assert "conv_in.bias" in msg and "extra.weight" in msg and "conv_out.weight" in msg and f in msg
+
+def test_offline_without_cache_is_clear(tmp_path):
+    """With HF_HUB_OFFLINE=1 and an empty cache, a Hub id fails with advice, not a traceback maze."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    code = "import model; model.StableDiffusion.from_pretrained('stable-diffusion-v1-5/stable-diffusion-v1-5')"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode != 0
+    assert "HF_HUB_OFFLINE is set" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
+
+def test_bad_name_is_clear():
+    """A name that is neither a folder, a repo id nor 'tiny' says what is expected."""
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a Hub repo id"):
+        model.StableDiffusion.from_pretrained("./no/such/dir")
+
+def test_tiny_builds_on_first_use(tmp_path, monkeypatch):
+    """init_from='tiny' builds and saves the tiny pipeline once, then loads it from disk."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    sd = model.StableDiffusion.from_pretrained("tiny")
+    assert os.path.exists(os.path.join(tmp_path, "magicapture", "tiny-sd", "unet", "config.json"))
+    again = model.StableDiffusion.from_pretrained("tiny")
+    assert torch.equal(sd.unet.conv_in.weight, again.unet.conv_in.weight)
+
+def test_dtype_and_device(tiny_dir):
+    """from_pretrained casts every part to the requested dtype and freezes it."""
+    sd = model.StableDiffusion.from_pretrained(tiny_dir, dtype=torch.bfloat16)
+    for m in (sd.unet, sd.vae, sd.text_encoder):
+        assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in m.parameters())
+    img = sd.sample(["a face"], steps=2, seed=0, height=64, width=64)
+    assert img.dtype == torch.float32 and torch.isfinite(img).all()
