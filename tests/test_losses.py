@@ -1,0 +1,154 @@
+"""
+Each loss in losses.py against its equation on small hand-computed tensors.
+Run: python -m pytest -q tests/test_losses.py
+"""
+
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import losses  # noqa: E402
+
+
+def test_masked_mse_is_mean_over_mask():
+    """Eq. 4-6: squared error summed inside the mask, divided by masked pixels x channels."""
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 0.0]]]])  # (1, 2, 2, 2)
+    target = torch.zeros(1, 2, 2, 2)
+    mask = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]]]])  # left column only
+    # inside: channel 0 has 1 and 3, channel 1 has 0 and 0 -> (1 + 9 + 0 + 0) / (2 pixels * 2 channels)
+    expected = 10.0 / 4
+    got = losses.masked_mse(pred, target, mask).item()
+    assert math.isclose(got, expected, rel_tol=1e-6), f"got {got}, expected {expected}"
+
+
+def test_masked_mse_averages_samples_and_handles_empty_mask():
+    """Samples are averaged over their own masks; an all-zero mask gives 0 loss and 0 gradient, not NaN."""
+    pred = torch.full((2, 1, 2, 2), 2.0, requires_grad=True)
+    target = torch.zeros(2, 1, 2, 2)
+    mask = torch.zeros(2, 1, 2, 2)
+    mask[0, 0, 0, 0] = 1.0  # sample 0: one pixel, error 4; sample 1: empty
+    loss = losses.masked_mse(pred, target, mask)
+    loss.backward()
+    assert math.isclose(loss.item(), (4.0 + 0.0) / 2, rel_tol=1e-6), f"loss {loss.item()}"
+    assert torch.isfinite(pred.grad).all(), f"grad {pred.grad}"
+    assert pred.grad[1].abs().max() == 0, f"empty-mask sample got gradient {pred.grad[1]}"
+
+
+def test_masked_mse_soft_mask_follows_equation():
+    """A soft mask weighs the error by M^2 and normalises by sum(M), as eq. 4 with the official rescaling."""
+    pred = torch.tensor([[[[2.0, 4.0]]]])  # (1, 1, 1, 2)
+    target = torch.zeros(1, 1, 1, 2)
+    mask = torch.tensor([[[[0.5, 1.0]]]])
+    expected = ((0.5 * 2) ** 2 + (1.0 * 4) ** 2) / 1.5  # (1 + 16) / 1.5
+    got = losses.masked_mse(pred, target, mask).item()
+    assert math.isclose(got, expected, rel_tol=1e-6), f"got {got}, expected {expected}"
+
+
+def test_predict_x0_inverts_forward_process():
+    """predict_x0 recovers z0 from z_t = sqrt(abar) z0 + sqrt(1-abar) eps with the true eps."""
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64)
+    abar = torch.tensor([0.9991, 0.5, 0.0047], dtype=torch.float64)  # ends of the SD1.5 schedule
+    a = abar.view(-1, 1, 1, 1)
+    z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+    diff = (losses.predict_x0(z_t, eps, abar) - z0).abs().max().item()
+    assert diff < 1e-10, f"max abs diff {diff}"
+
+
+def test_predict_x0_hand_value():
+    """z0 = (z_t - sqrt(1-abar) eps) / sqrt(abar) on numbers worked out by hand."""
+    got = losses.predict_x0(torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([0.64]))
+    expected = (1.0 - 0.6 * 0.5) / 0.8  # 0.875
+    assert math.isclose(got.item(), expected, rel_tol=1e-6), f"got {got.item()}, expected {expected}"
+
+
+def test_identity_loss_is_one_minus_cosine():
+    """Eq. 7: 1 - cos between embeddings: 0 for parallel, 1 for orthogonal, averaged over the batch."""
+    emb = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    ref = torch.tensor([[3.0, 0.0], [1.0, 0.0]])
+    got = losses.identity_loss(emb, ref).item()
+    assert math.isclose(got, (0.0 + 1.0) / 2, abs_tol=1e-6), f"got {got}"
+
+
+def _one_map(values):
+    """A single layer, single head, single token map (1, 1, h, w, 1) from a (h, w) list."""
+    return torch.tensor(values).reshape(1, 1, len(values), len(values[0]), 1)
+
+
+def test_attention_refocus_hand_value():
+    """Eq. 8: min-max scale, set 1 inside the mask, squared error against the mask, mean."""
+    maps = [_one_map([[0.1, 0.3], [0.5, 0.9]])]
+    masks = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).reshape(1, 1, 2, 2)
+    # scaled: [[0, .25], [.5, 1]] -> inside set to 1: [[1, .25], [.5, 1]]
+    # error vs mask: [[0, .0625], [.25, 1]] -> mean 1.3125 / 4
+    expected = 1.3125 / 4
+    got = losses.attention_refocus(maps, masks).item()
+    assert math.isclose(got, expected, rel_tol=1e-6), f"got {got}, expected {expected}"
+
+
+def test_attention_refocus_upsamples_bilinearly():
+    """A 2x2 map is upsampled to the 4x4 mask as the official bilinear (align_corners=False) does."""
+    maps = [_one_map([[0.0, 1.0], [0.0, 1.0]])]
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., 2:] = 1.0  # the token may attend to the right half
+    # upsampled columns: 0, .25, .75, 1; outside (cols 0-1) errors 0 and .0625 in 4 rows
+    expected = 4 * 0.0625 / 16
+    got = losses.attention_refocus(maps, masks).item()
+    assert math.isclose(got, expected, rel_tol=1e-6), f"got {got}, expected {expected}"
+
+
+def test_attention_refocus_averages_layers_and_heads():
+    """Maps of every layer and head are averaged before the squared error (official aggregation)."""
+    head_a = [[0.0, 1.0], [0.0, 0.0]]  # scaled: same; outside value 1 at (0, 1)
+    head_b = [[0.0, 0.0], [0.0, 1.0]]  # outside value 0 at (0, 1)
+    layer1 = torch.stack([_one_map(head_a)[0, 0], _one_map(head_b)[0, 0]])[None]  # (1, 2, 2, 2, 1)
+    layer2 = _one_map(head_b)  # a second layer with one head
+    masks = torch.tensor([[0.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 2, 2)
+    # mean over 3 maps: outside pixels (0,0)=0, (0,1)=1/3, (1,0)=0; inside 1 vs mask 1
+    expected = (1 / 3) ** 2 / 4
+    got = losses.attention_refocus([layer1, layer2], masks).item()
+    assert math.isclose(got, expected, rel_tol=1e-6), f"got {got}, expected {expected}"
+
+
+def _two_token_setup():
+    """Random maps for 2 tokens at 4x4 with complementary masks, as [V1] face / [V2] non-face."""
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.rand(1, 3, 4, 4, 2, generator=g, requires_grad=True) for _ in range(2)]
+    face = torch.zeros(1, 1, 4, 4)
+    face[..., 1:3, 1:3] = 1.0
+    return maps, torch.cat([face, 1 - face], dim=1)  # (1, 2, 4, 4)
+
+
+def test_attention_refocus_zero_when_attention_inside():
+    """L_attn is 0 when every token attends only inside its own mask."""
+    maps, masks = _two_token_setup()
+    inside = [(a * masks.permute(0, 2, 3, 1)[:, None]).detach() for a in maps]
+    got = losses.attention_refocus(inside, masks).item()
+    assert got == 0.0, f"loss {got} with all attention inside the masks"
+    outside = losses.attention_outside(inside, masks)
+    assert outside.abs().max() == 0, f"attention_outside {outside.tolist()}"
+
+
+def test_attention_refocus_gradient_only_outside():
+    """The gradient w.r.t. the maps is zero inside each token's mask and nonzero outside."""
+    maps, masks = _two_token_setup()
+    losses.attention_refocus(maps, masks).backward()
+    region = masks.permute(0, 2, 3, 1)[:, None].expand_as(maps[0]).bool()  # (1, heads, 4, 4, 2)
+    for i, a in enumerate(maps):
+        g_in, g_out = a.grad[region], a.grad[~region]
+        assert g_in.abs().max() == 0, f"layer {i}: max |grad| inside {g_in.abs().max().item()}"
+        n_zero = (g_out == 0).sum().item()
+        assert n_zero == 0, f"layer {i}: {n_zero} of {g_out.numel()} gradients outside are zero"
+
+
+def test_attention_outside_hand_value():
+    """attention_outside is the mean scaled, layer/head-averaged attention outside each token's mask."""
+    maps = [_one_map([[0.1, 0.3], [0.5, 0.9]])]
+    masks = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).reshape(1, 1, 2, 2)
+    expected = (0.25 + 0.5 + 1.0) / 3
+    got = losses.attention_outside(maps, masks)
+    assert got.shape == (1,) and math.isclose(got.item(), expected, rel_tol=1e-6), f"got {got}"
