@@ -913,15 +913,25 @@ def tiny_tokenizer():
     words = ("a an the of in on at with and by photo painting portrait picture style person man woman face "
              "smiling wearing wedding passport studio light dark red blue green black white old young "
              "beautiful oil watercolor sketch drawing cinematic close up background hair eyes astronaut").split()
-    merges = []
-    for w in words:  # merge left to right, so the last merge produces the whole word with </w>
-        piece = w[0]
-        for i, c in enumerate(w[1:], 1):
-            right = c + "</w>" if i == len(w) - 1 else c
-            if (piece, right) not in merges:
-                merges.append((piece, right))
-                vocab.setdefault(piece + right, len(vocab))
-            piece = piece + right
+    merges, ranks = [], {}
+
+    def bpe(symbols):  # the BPE rule: repeatedly merge the adjacent pair with the lowest rank
+        while len(symbols) > 1:
+            pairs = [(ranks.get(p, math.inf), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+            rank, i = min(pairs)
+            if rank == math.inf:
+                break
+            symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+        return symbols
+
+    for w in words:  # add merges until each word is one token under the merges before it
+        symbols = bpe(list(w[:-1]) + [w[-1] + "</w>"])
+        while len(symbols) > 1:
+            pair = (symbols[0], symbols[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            vocab[pair[0] + pair[1]] = len(vocab)
+            symbols = bpe(symbols)
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(vocab, merges)

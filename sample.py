@@ -1,9 +1,11 @@
 """
-Draw images from a Stable Diffusion 1.5 pipeline with DDIM.
+Draw images from a Stable Diffusion 1.5 pipeline with DDIM, optionally with a
+MagiCapture training result applied.
 
     python sample.py                                   # the tiny random pipeline, on any machine
     python sample.py --init_from=stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt="a photo of an astronaut"
-    python sample.py config/sample_sd15.py --seed=7 --num_samples=8
+    python sample.py config/sample_sd15.py --lora=out/magicapture --prompt="a photo of <v1> person in the <v2> style"
+    python sample.py ... --lora=out/magicapture --attention      # where <v1> and <v2> attend (paper Fig. 3)
 
 Writes one PNG per image (named by its seed, so any image can be drawn again alone)
 and a grid.png, into out_dir.
@@ -12,12 +14,13 @@ and a grid.png, into out_dir.
 import json
 import os
 
-import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
+import lora as lora_lib
 from configurator import configure
-from model import StableDiffusion
+from data import grid, save_png
+from model import AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
 init_from = "tiny"        # a Hub repo id, a diffusers-layout folder, or "tiny"
@@ -32,50 +35,73 @@ num_samples = 4
 batch_size = 4
 height = None             # None: the model's native size (512 for SD1.5, 128 for tiny)
 width = None
+lora = ""                 # a train.py out_dir: its LoRA and learned tokens are applied
+lora_scale = 1.0          # strength of the LoRA (official inference: 0.6)
+attention = False         # also save each placeholder token's cross-attention heat map
 out_dir = "out/samples"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "fp16" if torch.cuda.is_available() else "fp32"   # fp32, bf16 or fp16
 # -----------------------------------------------------------------------------
 
-def save_png(image, path):
-    """(3, H, W) float in [0, 1] -> 8-bit PNG."""
-    Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+def heatmaps(rec, n_uncond, size):
+    """Average each token's recorded maps over steps, layers and heads -> (B, K, H, W) in [0, 1]."""
+    maps = [F.interpolate(m[n_uncond:].float().mean(1).permute(0, 3, 1, 2), size=size, mode="bilinear")
+            for m in rec.maps]  # conditional half only: (B, K, H, W) each
+    a = torch.stack(maps).mean(0)
+    lo, hi = a.amin(dim=(-2, -1), keepdim=True), a.amax(dim=(-2, -1), keepdim=True)
+    return (a - lo) / (hi - lo).clamp_min(1e-8)
 
-def grid(images, cols=4):
-    """(N, 3, H, W) -> (3, rows*H, cols*W), filled row by row, white where empty."""
-    n, c, h, w = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    out = torch.ones(c, rows * h, cols * w)
-    for i, im in enumerate(images):
-        r, k = divmod(i, cols)
-        out[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = im
-    return out
+def overlay(image, heat):
+    """Blend a jet-coloured heat map (H, W) over an image (3, H, W)."""
+    import matplotlib
+    colour = torch.from_numpy(matplotlib.colormaps["jet"](heat.numpy())[..., :3]).permute(2, 0, 1).float()
+    return 0.5 * image + 0.5 * colour
 
 def main():
     config = configure(globals())
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=torch_dtype, variant=variant)
+    tokens, attn_res = [], None
+    if lora:
+        tokens = lora_lib.load(sd, lora, scale=lora_scale)
+        print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")
+        with open(os.path.join(lora, "config.json")) as f:
+            attn_res = json.load(f)["attn_resolutions"]  # the maps its attention loss shaped
+    if attention and not tokens:
+        raise SystemExit("--attention shows where the learned tokens attend: give a training result with --lora=DIR")
     H = height or sd.vae.config.sample_size
     W = width or sd.vae.config.sample_size
     os.makedirs(out_dir, exist_ok=True)
     seeds = [seed + i for i in range(num_samples)]
-    images = []
+    images, heat_images = [], []
     for b in range(0, num_samples, batch_size):
         chunk = seeds[b:b + batch_size]
         # one generator per image: image i is the same whatever the batch size
         latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, H // 8, W // 8,
                                          generator=torch.Generator().manual_seed(s)) for s in chunk])
         print(f"images {b + 1}-{b + len(chunk)} of {num_samples}")
-        out = sd.sample([prompt] * len(chunk), negative_prompt=negative_prompt, steps=steps, guidance=guidance,
-                        eta=eta, seed=chunk[0], latents=latents, height=H, width=W, progress=True).cpu()
+        prompts, negatives = [prompt] * len(chunk), [negative_prompt] * len(chunk)
+        rec = None
+        if attention:  # the UNet sees [negatives; prompts]: record for that batch, keep the prompts' half
+            ids = sd.tokenizer(negatives + prompts).to(sd.device)
+            rec = AttentionRecorder(ids, [sd.tokenizer.tok.token_to_id(t) for t in tokens], attn_res)
+        with sd.unet.record_attention(rec):
+            out = sd.sample(prompts, negative_prompt=negatives, steps=steps, guidance=guidance, eta=eta,
+                            seed=chunk[0], latents=latents, height=H, width=W, progress=True).cpu()
         for s, im in zip(chunk, out):
             save_png(im, os.path.join(out_dir, f"seed{s}.png"))
         images.append(out)
+        if rec is not None:
+            heat = heatmaps(rec, len(chunk), (H, W)).cpu()
+            for s, im, hm in zip(chunk, out, heat):
+                row = torch.cat([im] + [overlay(im, h) for h in hm], dim=2)  # image | <v1> | <v2>
+                save_png(row, os.path.join(out_dir, f"seed{s}_attention.png"))
+                heat_images.append(row)
     save_png(grid(torch.cat(images)), os.path.join(out_dir, "grid.png"))
     with open(os.path.join(out_dir, "sample.json"), "w") as f:
         json.dump(dict(config, height=H, width=W), f, indent=2)
-    print(f"wrote {num_samples} images and grid.png to {os.path.abspath(out_dir)}")
+    extra = f" and seed<N>_attention.png (image | {' | '.join(tokens)})" if attention else ""
+    print(f"wrote {num_samples} images, grid.png{extra} to {os.path.abspath(out_dir)}")
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,8 @@ def run(tmp_path, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True)
 
 def test_sample_writes_images_and_grid(tmp_path):
-    """3 images in batches of 2 give seed PNGs and a grid; seed 1 alone redraws the same image."""
+    """3 images in batches of 2 give seed PNGs and a grid; seed 1 alone redraws the same image
+    (to one 8-bit level: batched matmuls round differently)."""
     out = tmp_path / "a"
     r = run(tmp_path, f"--out_dir={out}", "--num_samples=3", "--batch_size=2", "--height=64", "--width=64")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -25,7 +26,7 @@ def test_sample_writes_images_and_grid(tmp_path):
     r = run(tmp_path, f"--out_dir={again}", "--num_samples=1", "--seed=1", "--height=64", "--width=64")
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = (np.asarray(Image.open(d / "seed1.png")) for d in (out, again))
-    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - b).max() <= 1
 
 def test_sample_rejects_unknown_setting(tmp_path):
     """A misspelt setting stops before any model loads."""

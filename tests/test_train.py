@@ -1,0 +1,143 @@
+"""train.py on the tiny config: both phases end to end, resume, bad input, and what the losses do.
+Run: python -m pytest -q tests/test_train.py"""
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--resolution=64", "--attn_resolutions=(4,)", "--eval_steps=2", "--eval_interval=1000", "--log_interval=1"]
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One XDG cache (the tiny pipeline) and one synthetic data set for the whole module."""
+    root = tmp_path_factory.mktemp("train")
+    import data
+    data.make_synthetic(str(root / "src"), str(root / "ref"), n=3)
+    return root
+
+def train(cache, out, *args):
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"))
+    cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={out}", "--synthetic_data=False",
+           f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}", *FAST, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+def log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(l) for l in f]
+
+def test_end_to_end_outputs(cache, tmp_path):
+    """Both phases run and leave the weight files, config, log, loss curve, samples and masks."""
+    out = tmp_path / "run"
+    r = train(cache, out, "--phase1_steps=3", "--phase2_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "lora_kohya.safetensors",
+                 "config.json", "log.jsonl", "loss.png"):
+        assert (out / name).exists(), name
+    assert sorted(os.listdir(out / "samples")) == ["step00003.png", "step00006.png"]
+    assert len(os.listdir(out / "masks")) == 6
+    rows = log(out)
+    assert [(r["step"], r["phase"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
+    assert all("loss" in r for r in rows) and "loss_attn" in rows[-1] and "loss_c" in rows[-1]
+    assert set(rows[-1]["attn_outside"]) == {"<v1>", "<v2>"}
+    assert json.load(open(out / "config.json"))["init_from"] == "tiny"
+    emb = load_file(str(out / "learned_embeds.safetensors"))
+    assert sorted(emb) == ["<v1>", "<v2>"] and emb["<v1>"].shape == (32,)
+
+def test_phase1_changes_only_placeholder_rows(cache, tmp_path, monkeypatch):
+    """After phase 1 every original embedding row is bit-identical; the two new ones moved."""
+    out = tmp_path / "p1"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "xdg"))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["train.py", "config/tiny.py", f"--out_dir={out}", "--synthetic_data=False",
+                                      f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}",
+                                      *FAST, "--phase1_steps=3", "--phase2_steps=0"])
+    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    base = model.StableDiffusion.from_pretrained("tiny").text_encoder.text_model.embeddings.token_embedding.weight
+    table = g["table"].weight
+    assert torch.equal(table[:len(base)], base)
+    start = torch.stack([base[g["init_ids"][0][1]], torch.zeros_like(base[0])])  # "person", random
+    assert not torch.allclose(g["embeds"][0].detach(), start[0])
+    assert not lora.lora_modules(g["sd"].unet)  # no LoRA before phase 2
+
+def test_attention_refocusing_lowers_outside_attention(cache, tmp_path):
+    """With lambda_attn the placeholder tokens attend outside their regions clearly less than without."""
+    result = {}
+    for lam in (2.5, 0.0):
+        out = tmp_path / f"ar{lam}"
+        r = train(cache, out, "--resolution=128", "--attn_resolutions=(8,)", "--phase1_steps=2",
+                  "--phase2_steps=40", f"--lambda_attn={lam}", "--log_interval=40")
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = [r for r in log(out) if "attn_outside" in r]
+        result[lam] = (rows[0]["attn_outside"], rows[-1]["attn_outside"])  # after phase 1, at the end
+    print("attn_outside (after phase 1, end):", result)
+    assert result[2.5][0] == result[0.0][0]  # identical until phase 2
+    for tok in ("<v1>", "<v2>"):
+        start, with_ar, without = result[2.5][0][tok], result[2.5][1][tok], result[0.0][1][tok]
+        assert start - with_ar > 0.02 and with_ar < without - 0.02, (tok, start, with_ar, without)
+
+@pytest.mark.parametrize("resume_at", [2, 3, 4])
+def test_resume_gives_the_same_weights(cache, tmp_path, resume_at):
+    """Stopped after step 2 (phase 1), 3 (the phase boundary) or 4 (phase 2) and resumed, a run ends with
+    bit-identical LoRA and embeddings, and its log has each step once."""
+    full = tmp_path / "full"
+    args = ["--phase1_steps=3", "--phase2_steps=3", "--ckpt_interval=2", "--keep_checkpoints=10"]
+    r = train(cache, full, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for name in os.listdir(part / "checkpoints"):
+        if int(name[4:10]) > resume_at:
+            os.remove(part / "checkpoints" / name)
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        os.remove(part / name)
+    r = train(cache, part, *args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {resume_at}" in r.stdout
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} max diff {(a[k] - b[k]).abs().max()}"
+    assert [r["step"] for r in log(part)] == [1, 2, 3, 4, 5, 6]
+    assert len(os.listdir(part / "checkpoints")) == len(os.listdir(full / "checkpoints"))
+
+def test_checkpoints_keep_last_n(cache, tmp_path):
+    """Only the newest keep_checkpoints files remain, and no temporary file is left behind."""
+    out = tmp_path / "k"
+    r = train(cache, out, "--phase1_steps=2", "--phase2_steps=3", "--ckpt_interval=1", "--keep_checkpoints=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step000004.pt", "step000005.pt"]
+
+def test_nan_stops_with_advice(cache, tmp_path):
+    """A diverging run stops at the first non-finite loss, naming the step and term, with advice."""
+    r = train(cache, tmp_path / "nan", "--phase1_steps=5", "--phase2_steps=0", "--lr_embed1=1e30")
+    assert r.returncode != 0
+    assert "loss term" in r.stderr and "lower learning rate" in r.stderr, r.stderr[-2000:]
+
+def test_missing_masks_named_before_model_loads(cache, tmp_path):
+    """Photos without <name>_mask.png are listed with how to make masks; the model is never loaded."""
+    src = tmp_path / "src"
+    shutil.copytree(cache / "src", src)
+    os.remove(src / "01_mask.png")
+    r = train(cache, tmp_path / "m", f"--source_dir={src}", "--init_from=./does/not/exist")
+    assert r.returncode != 0
+    assert "01.png" in r.stderr and "_mask.png" in r.stderr and "does/not/exist" not in r.stderr
+
+def test_bad_settings(cache, tmp_path):
+    """Unknown settings and unsupported options fail with a clear message."""
+    r = train(cache, tmp_path / "x", "--lamda_attn=1")
+    assert r.returncode != 0 and "did you mean 'lambda_attn'" in r.stderr
+    r = train(cache, tmp_path / "x", "--lambda_id=1.0")
+    assert r.returncode != 0 and "lambda_id" in r.stderr
+    r = train(cache, tmp_path / "x", "--attn_resolutions=(3,)", "--phase1_steps=0", "--phase2_steps=1")
+    assert r.returncode != 0 and "matches no cross-attention layer" in r.stderr
