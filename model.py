@@ -517,8 +517,12 @@ class UNet(nn.Module):
                 m.recorder = None
 
     def _run(self, module, *args):
-        # gradient checkpointing trades compute for memory in training; off by default
-        if self.gradient_checkpointing and torch.is_grad_enabled():
+        # gradient checkpointing trades compute for memory in training; off by default. A block whose
+        # attention is being recorded runs plainly: its recomputation would run without the recorder
+        # (and record twice), and the recorded probabilities stay in memory for the loss anyway.
+        rec = module.transformer_blocks[0].attn2.recorder if isinstance(module, Transformer2DModel) else None
+        recording = rec is not None and rec.wants(args[0].shape[-2:])
+        if self.gradient_checkpointing and torch.is_grad_enabled() and not recording:
             from torch.utils.checkpoint import checkpoint
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)

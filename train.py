@@ -394,5 +394,7 @@ for step in bar:
 
 save_outputs()
 plot_losses(log_path, os.path.join(out_dir, "loss.png"))
+if device == "cuda":
+    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 print(f"done: {out_dir} holds {lora.LORA_FILE}, {lora.EMBEDS_FILE}, lora_kohya.safetensors, config.json, "
       f"log.jsonl, loss.png, samples/, masks/")

@@ -224,17 +224,23 @@ def test_attention_recorder(tiny_dir):
     assert torch.equal(sd.unet(x, t, ctx), before)
 
 def test_gradient_checkpointing_same_gradients(tiny_dir):
-    """Gradient checkpointing changes memory, not the gradients."""
+    """Gradient checkpointing changes memory, not the gradients, also while attention is recorded
+    (the attention loss's gradient included)."""
     sd = load(tiny_dir)
     sd.unet.requires_grad_(True)
     x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
-    grads = []
-    for ckpt in (False, True):
-        sd.unet.gradient_checkpointing = ckpt
-        sd.unet.zero_grad()
-        sd.unet(x, 10, ctx).square().mean().backward()
-        grads.append(sd.unet.conv_in.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    ids = torch.randint(0, 100, (1, 77))
+    for resolutions in ((), (8,)):
+        grads = []
+        for ckpt in (False, True):
+            sd.unet.gradient_checkpointing = ckpt
+            sd.unet.zero_grad()
+            rec = model.AttentionRecorder(ids, ids[0, :2].tolist(), resolutions)
+            with sd.unet.record_attention(rec):
+                loss = sd.unet(x, 10, ctx).square().mean() + sum(m.square().sum() for m in rec.maps)
+            loss.backward()
+            grads.append(sd.unet.conv_in.weight.grad.clone())
+        assert torch.allclose(grads[0], grads[1], atol=1e-6), resolutions
 
 # --- loading errors ----------------------------------------------------------
 

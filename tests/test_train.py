@@ -141,3 +141,58 @@ def test_bad_settings(cache, tmp_path):
     assert r.returncode != 0 and "lambda_id" in r.stderr
     r = train(cache, tmp_path / "x", "--attn_resolutions=(3,)", "--phase1_steps=0", "--phase2_steps=1")
     assert r.returncode != 0 and "matches no cross-attention layer" in r.stderr
+
+@pytest.fixture(scope="module")
+def trained(cache):
+    """A short run whose LoRA is large enough to change the image visibly."""
+    out = cache / "trained"
+    r = train(cache, out, "--phase1_steps=2", "--phase2_steps=4", "--lr_lora=0.05", "--lr_embed1=0.05")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_diffusers_draws_the_same_image_with_our_outputs(cache, trained, scale):
+    """diffusers' load_lora_weights + load_textual_inversion on our files give our sample within 5e-3."""
+    import diffusers
+    path = str(cache / "xdg" / "magicapture" / "tiny-sd")
+    prompt = "a photo of <v1> person in the <v2> style"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sd = model.StableDiffusion.from_pretrained(path)
+    base = sd.sample([prompt.replace("<v1>", "a").replace("<v2>", "red")], steps=5, latents=latents, height=64, width=64)
+    assert lora.load(sd, str(trained), scale=scale) == ["<v1>", "<v2>"]
+    ours = sd.sample([prompt], steps=5, latents=latents, height=64, width=64)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(trained))
+    emb = load_file(str(trained / "learned_embeds.safetensors"))
+    pipe.load_textual_inversion([emb["<v1>"], emb["<v2>"]], token=["<v1>", "<v2>"],
+                                tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    ref = pipe(prompt, num_inference_steps=5, guidance_scale=7.5, latents=latents, output_type="pt",
+               cross_attention_kwargs={"scale": scale}).images
+    err = (ours - ref).abs().max().item()
+    assert err < 5e-3, f"max pixel difference {err:.2e}"
+    assert (ours - base).abs().max() > 0.05  # the LoRA and tokens really change the image
+
+def test_sample_with_lora_and_attention_maps(cache, trained, tmp_path):
+    """sample.py --lora --attention writes, per image, image | <v1> map | <v2> map."""
+    from PIL import Image
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"))
+    out = tmp_path / "s"
+    r = subprocess.run([sys.executable, "sample.py", f"--lora={trained}", "--attention", "--steps=3",
+                        "--num_samples=2", "--height=64", "--width=64", f"--out_dir={out}", "--device=cpu",
+                        "--dtype=fp32", "--prompt=a photo of <v1> person in the <v2> style"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "<v1> <v2>" in r.stdout
+    for s in (0, 1):
+        assert Image.open(out / f"seed{s}_attention.png").size == (3 * 64, 64)
+    r = subprocess.run([sys.executable, "sample.py", "--attention", "--steps=1", f"--out_dir={out}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "--lora" in r.stderr
+
+@pytest.mark.parametrize("config", ["config/portrait.py", "config/portrait_official.py"])
+def test_real_configs_parse(tmp_path, config):
+    """The SD1.5 configs type-check against train.py's settings and stop at the data, naming the folder."""
+    r = subprocess.run([sys.executable, "train.py", config, f"--source_dir={tmp_path / 'none'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "none is not a folder" in r.stderr, r.stderr[-2000:]
