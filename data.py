@@ -110,6 +110,20 @@ def grid(images, cols=4):
         out[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = im
     return out
 
+def save_labeled_grid(images, cols, labels, path):
+    """Save a grid with one caption line above each row (e.g. the prompt that row was drawn from)."""
+    from PIL import ImageFont
+    n, _, h, w = images.shape
+    rows, strip = -(-n // cols), 14
+    canvas = Image.new("RGB", (cols * w, rows * (h + strip)), "white")
+    font, draw = ImageFont.load_default(), ImageDraw.Draw(canvas)
+    for r in range(rows):
+        draw.text((2, r * (h + strip) + 1), labels[r], fill="black", font=font)
+        row = grid(images[r * cols:(r + 1) * cols], cols)
+        a = (row.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+        canvas.paste(Image.fromarray(a), (0, r * (h + strip) + strip))
+    canvas.save(path)
+
 # -----------------------------------------------------------------------------
 # a synthetic data set for config/tiny.py: drawn faces, so the run needs no photos
 

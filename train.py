@@ -216,7 +216,7 @@ def evaluate(step):
               for p in val_prompts for s in eval_seeds]
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     path = os.path.join(out_dir, "samples", f"step{step:05d}.png")
-    save_grid(torch.cat(images), len(eval_seeds), path)
+    data.save_labeled_grid(torch.cat(images).cpu(), len(eval_seeds), val_prompts, path)
     return dict(attn_outside=attention_outside_on_validation(), samples=path)
 
 @torch.no_grad()
@@ -234,9 +234,6 @@ def attention_outside_on_validation():
         return None
     outside = attention_outside(rec.maps, torch.stack([ref_face, ref_rest], dim=1)[:, :, 0])
     return {tok: round(v, 5) for tok, v in zip(tokens, outside.tolist())}
-
-def save_grid(images, cols, path):
-    data.save_png(data.grid(images.cpu(), cols), path)
 
 # -----------------------------------------------------------------------------
 # optimisers: one per phase, linear decay to 0 over the phase
