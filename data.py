@@ -44,18 +44,11 @@ def read_rgb(path):
             im = Image.alpha_composite(white, im)
         return im.convert("RGB")  # also L, CMYK, I;16 ...
 
-def center_square(im, resolution, resample):
-    """Crop the largest centred square and resize it to resolution x resolution."""
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return im.crop((left, top, left + s, top + s)).resize((resolution, resolution), resample)
-
-def load_folder(folder, resolution, min_images=2):
-    """-> list of dicts {path, image (3, R, R) in [-1, 1], mask (1, R, R) in [0, 1] or None}."""
-    paths = list_images(folder)
+def load_folder(folder, min_images=2):
+    """-> list of dicts {path, photo (upright RGB PIL image), mask_photo (L PIL image) or None}.
+    Every unusable file is named in one message; too few photos stop the run."""
     items, bad = [], []
-    for path in paths:
+    for path in list_images(folder):
         try:
             im = read_rgb(path)
         except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -64,7 +57,7 @@ def load_folder(folder, resolution, min_images=2):
         if min(im.size) < 64:
             bad.append(f"  {path}: only {im.size[0]}x{im.size[1]} pixels")
             continue
-        item = dict(path=path, image=to_tensor(center_square(im, resolution, Image.LANCZOS)) * 2 - 1, mask=None)
+        item = dict(path=path, photo=im, mask_photo=None)
         mask_path = os.path.splitext(path)[0] + MASK_SUFFIX
         if os.path.exists(mask_path):
             try:
@@ -75,7 +68,7 @@ def load_folder(folder, resolution, min_images=2):
             if m.size != im.size:
                 bad.append(f"  {mask_path}: {m.size[0]}x{m.size[1]}, but its photo is {im.size[0]}x{im.size[1]}")
                 continue
-            item["mask"] = to_tensor(center_square(m.convert("L"), resolution, Image.BILINEAR))
+            item["mask_photo"] = m.convert("L")
         items.append(item)
     if bad:
         raise SystemExit("these files cannot be used; fix or remove them and run again:\n" + "\n".join(bad))
@@ -83,6 +76,29 @@ def load_folder(folder, resolution, min_images=2):
         raise SystemExit(f"{folder} has {len(items)} usable photo(s); MagiCapture needs at least {min_images} "
                          "(the paper uses 4-6 per concept)")
     return items
+
+def square_around(size, box=None, margin=1.0):
+    """(left, top, side) of the crop: the largest centred square, or, given a face box, a square of
+    side max(face w, h) * (1 + 2 * margin) centred on the face, moved (and shrunk) to stay inside."""
+    w, h = size
+    if box is None:
+        side = min(w, h)
+        return (w - side) // 2, (h - side) // 2, side
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = int(round(min(max(x2 - x1, y2 - y1) * (1 + 2 * margin), w, h)))
+    left = int(round(min(max((x1 + x2) / 2 - side / 2, 0), w - side)))
+    top = int(round(min(max((y1 + y2) / 2 - side / 2, 0), h - side)))
+    return left, top, side
+
+def crop(item, square, resolution):
+    """Cut the square from the photo (and its mask) and resize: sets item["image"] (3, R, R) in [-1, 1]
+    and item["mask"] (1, R, R) in [0, 1] or None; item["square"] remembers the crop."""
+    left, top, side = square
+    box = (left, top, left + side, top + side)
+    item["image"] = to_tensor(item["photo"].crop(box).resize((resolution, resolution), Image.LANCZOS)) * 2 - 1
+    m = item["mask_photo"]
+    item["mask"] = None if m is None else to_tensor(m.crop(box).resize((resolution, resolution), Image.BILINEAR))
+    item["square"] = square
 
 def to_tensor(im):
     """PIL image -> float tensor (C, H, W) in [0, 1]."""

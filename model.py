@@ -669,11 +669,6 @@ class Schedule:
         a = self.abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def predict_x0(self, xt, eps, t):
-        """Tweedie's estimate of x0 from the predicted noise (paper eq. 7's z0_hat)."""
-        a = self.abar(t, xt)
-        return (xt - (1 - a).sqrt() * eps) / a.sqrt()
-
     def ddim_timesteps(self, steps):
         """'leading' spacing + steps_offset: for 50 steps, 981, 961, ..., 1."""
         ratio = self.config.num_train_timesteps // steps

@@ -95,8 +95,10 @@ torch.manual_seed(seed)
 # data: read, check, crop; masks; all before any model loads
 if synthetic_data:
     data.make_synthetic(source_dir, reference_dir)
-sources = data.load_folder(source_dir, resolution)
-references = data.load_folder(reference_dir, resolution)
+sources = data.load_folder(source_dir)
+references = data.load_folder(reference_dir)
+for it in sources + references:
+    data.crop(it, data.square_around(it["photo"].size), resolution)
 missing = [it["path"] for it in sources + references if it["mask"] is None]
 if missing:
     raise SystemExit("no face mask for:\n  " + "\n  ".join(missing) + "\nPut <name>_mask.png next to each photo "
