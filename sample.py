@@ -6,6 +6,7 @@ MagiCapture training result applied.
     python sample.py --init_from=stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt="a photo of an astronaut"
     python sample.py config/sample_sd15.py --lora=out/magicapture --prompt="a photo of <v1> person in the <v2> style"
     python sample.py ... --lora=out/magicapture --attention      # where <v1> and <v2> attend (paper Fig. 3)
+    python sample.py ... --postprocess                           # + Real-ESRGAN and CodeFormer (postprocess.py)
 
 Writes one PNG per image (named by its seed, so any image can be drawn again alone)
 and a grid.png, into out_dir.
@@ -14,8 +15,10 @@ and a grid.png, into out_dir.
 import json
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import lora as lora_lib
 from configurator import configure
@@ -38,6 +41,12 @@ width = None
 lora = ""                 # a train.py out_dir: its LoRA and learned tokens are applied
 lora_scale = 1.0          # strength of the LoRA (official inference: 0.6)
 attention = False         # also save each placeholder token's cross-attention heat map
+postprocess = False       # also save an enhanced copy: super-resolution, then face restoration
+upscale_factor = 2        # of the enhanced copy (the official inference: CodeFormer with 2x upscale)
+restore_weight = 0.5      # CodeFormer fidelity: smaller restores more, larger keeps more (official: 0.5)
+upscaler_model = ""       # "" takes the file from the Hub repo facefusion/models-3.0.0; or a local .onnx
+restorer_model = ""
+detector_model = ""
 out_dir = "out/samples"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "fp16" if torch.cuda.is_available() else "fp32"   # fp32, bf16 or fp16
@@ -56,6 +65,16 @@ def overlay(image, heat):
     import matplotlib
     colour = torch.from_numpy(matplotlib.colormaps["jet"](heat.numpy())[..., :3]).permute(2, 0, 1).float()
     return 0.5 * image + 0.5 * colour
+
+def save_enhanced(image, stem):
+    """<stem>_enhanced.png, and <stem>_compare.png: the plain image (enlarged, nearest) beside the enhanced one."""
+    from postprocess import enhance
+    plain = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    better = enhance(plain, upscale_factor, restore=True, weight=restore_weight, upscaler=upscaler_model or None,
+                     restorer=restorer_model or None, detector=detector_model or None)
+    Image.fromarray(better).save(stem + "_enhanced.png")
+    before = np.asarray(Image.fromarray(plain).resize(better.shape[1::-1], Image.NEAREST))
+    Image.fromarray(np.concatenate([before, better], axis=1)).save(stem + "_compare.png")
 
 def main():
     config = configure(globals())
@@ -90,6 +109,8 @@ def main():
                             seed=chunk[0], latents=latents, height=H, width=W, progress=True).cpu()
         for s, im in zip(chunk, out):
             save_png(im, os.path.join(out_dir, f"seed{s}.png"))
+            if postprocess:
+                save_enhanced(im, os.path.join(out_dir, f"seed{s}"))
         images.append(out)
         if rec is not None:
             heat = heatmaps(rec, len(chunk), (H, W)).cpu()
@@ -100,7 +121,8 @@ def main():
     save_png(grid(torch.cat(images)), os.path.join(out_dir, "grid.png"))
     with open(os.path.join(out_dir, "sample.json"), "w") as f:
         json.dump(dict(config, height=H, width=W), f, indent=2)
-    extra = f" and seed<N>_attention.png (image | {' | '.join(tokens)})" if attention else ""
+    extra = f", seed<N>_attention.png (image | {' | '.join(tokens)})" if attention else ""
+    extra += ", seed<N>_enhanced.png and seed<N>_compare.png (before | after)" if postprocess else ""
     print(f"wrote {num_samples} images, grid.png{extra} to {os.path.abspath(out_dir)}")
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
 import lora
 from configurator import configure
-from losses import attention_outside, attention_refocus, masked_mse
+from losses import attention_outside, attention_refocus, identity_loss, masked_mse, predict_x0
 from model import AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
@@ -61,9 +62,18 @@ lr_lora_text = 1e-4
 # loss (paper eq. 4-8)
 composed = True                  # L_mask^c on; False = the paper's "w/o CP" ablation
 lambda_attn = 2.5                # eq. 8 weight; 0 = the paper's "w/o AR" ablation
-lambda_id = 0.0                  # eq. 7 weight (paper 1.0); needs the face models, not built yet
+lambda_id = 1.0                  # eq. 7 weight (paper 1.0; official script 0.25)
+t_id_max = 800                   # official code: the identity loss draws its own t < 800 (paper: T' < T)
 attn_resolutions = (16,)         # feature-map sides recorded for eq. 8 (official: 16x16 at 512 px)
 style_boost = 1.0                # official code: 2.0 on the style and composed losses in each phase's first half
+# faces (DESIGN.md section 4): "" takes the file from the Hub repo facefusion/models-3.0.0; or a local .onnx
+detector_model = ""
+recognizer_model = ""
+parser_model = ""
+face_crop = True                 # crop each photo to a square around its largest face before resizing
+face_margin = 1.0                # crop side = face size * (1 + 2 * face_margin), as far as the photo allows
+mask_classes = tuple(range(1, 14))  # BiSeNet classes of the paper's face region: skin, brows, eyes, glasses,
+                                    # ears, earring, nose, mouth, lips (add 17 for hair)
 # optimisation
 grad_accum = 4                   # paper: batch 1, gradient accumulation 4
 weight_decay = 1e-3              # AdamW, on LoRA (official); embeddings have none
@@ -81,9 +91,6 @@ keep_checkpoints = 2
 resume = False
 # -----------------------------------------------------------------------------
 config = configure(globals())
-if lambda_id > 0:
-    raise SystemExit("lambda_id > 0 needs the identity loss (eq. 7), which needs the face models (faces.py); "
-                     "they are not part of this version yet: run with --lambda_id=0")
 if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and grad_accum >= 1):
     raise SystemExit("tokens must be two strings; phase steps >= 0; grad_accum >= 1")
 if resolution % 64:
@@ -97,19 +104,78 @@ if synthetic_data:
     data.make_synthetic(source_dir, reference_dir)
 sources = data.load_folder(source_dir)
 references = data.load_folder(reference_dir)
-for it in sources + references:
-    data.crop(it, data.square_around(it["photo"].size), resolution)
-missing = [it["path"] for it in sources + references if it["mask"] is None]
-if missing:
-    raise SystemExit("no face mask for:\n  " + "\n  ".join(missing) + "\nPut <name>_mask.png next to each photo "
-                     "(same size, white = face: skin, brows, eyes, nose, mouth; not hair). Automatic masks come "
-                     "with the face models.")
+photos = sources + references
+need_faces = face_crop or lambda_id > 0 or any(it["mask_photo"] is None for it in photos)
+if need_faces:
+    import faces
+    why = [w for w, on in (("face crops", face_crop), ("the identity loss", lambda_id > 0),
+                           ("masks of photos without <name>_mask.png",
+                            any(it["mask_photo"] is None for it in photos))) if on]
+    print(f"face models needed for {', '.join(why)}")
+
+def largest(found):
+    return max(found, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+def find_faces(items):
+    """Each photo's largest face, checked; detections cached in out_dir/faces.json (a resumed run reuses them)."""
+    cache_path = os.path.join(out_dir, "faces.json")
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    none = []
+    for it in items:
+        st = os.stat(it["path"])
+        key = f"{os.path.abspath(it['path'])}|{st.st_size}|{st.st_mtime_ns}|{detector_model}"
+        if key not in cache:
+            cache[key] = [dict(box=f.box.tolist(), score=float(f.score), landmarks=f.landmarks.tolist())
+                          for f in faces.detect(np.asarray(it["photo"]), model=detector_model or None)]
+        found = [faces.Face(np.array(d["box"], np.float32), d["score"], np.array(d["landmarks"], np.float32))
+                 for d in cache[key]]
+        if not found:
+            none.append(it["path"])
+            continue
+        if len(found) > 1:
+            print(f"{it['path']}: {len(found)} faces; using the largest")
+        it["face"] = face = largest(found)
+        (x1, y1, x2, y2), (w, h) = face.box, it["photo"].size
+        if max(x2 - x1, y2 - y1) < max(64, 0.1 * min(w, h)):
+            print(f"warning: {it['path']}: the face is only {max(x2 - x1, y2 - y1):.0f} px across; "
+                  "closer photos teach the identity better")
+        if x1 < 1 or y1 < 1 or x2 > w - 1 or y2 > h - 1:
+            print(f"warning: {it['path']}: the face is cut off at the photo's border")
+    with open(cache_path, "w") as f:
+        json.dump(cache, f)
+    if none:
+        raise SystemExit("no face found in:\n  " + "\n  ".join(none) + "\nA usable photo shows one person's face "
+                         "from the front or three-quarter view, unobstructed, at least ~100 pixels across.")
+
+def face_in_crop(face, square):
+    """The face's box and landmarks in the coordinates of the cropped, resized photo."""
+    left, top, side = square
+    k = resolution / side
+    shift = np.array([left, top], np.float32)
+    return faces.Face(((face.box.reshape(2, 2) - shift) * k).reshape(4), face.score, (face.landmarks - shift) * k)
+
+def to_uint8(image):
+    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, what the face models read."""
+    return ((image.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+if need_faces:
+    find_faces(photos)
+for it in photos:
+    box = it["face"].box if face_crop else None
+    data.crop(it, data.square_around(it["photo"].size, box, face_margin), resolution)
+    if need_faces:
+        it["face"] = face_in_crop(it["face"], it["square"])
+    if it["mask"] is None:  # the paper's face region from the parser, inside the detected box
+        m = faces.face_mask(to_uint8(it["image"]), it["face"], model=parser_model or None, classes=mask_classes)
+        it["mask"] = torch.from_numpy(np.asarray(m, np.float32))[None]
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
 for kind, items in (("source", sources), ("reference", references)):
     for it in items:
         name = os.path.splitext(os.path.basename(it["path"]))[0]
         data.save_overlay(it, it["mask"], os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
 print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
+if lambda_id > 0:  # the ArcFace the identity loss backpropagates through, and the target identity
+    arcface = faces.arcface_torch(recognizer_model or None)
 
 # -----------------------------------------------------------------------------
 # model
@@ -142,6 +208,19 @@ def use_learned_rows(module, args, out):
     return torch.where(new[..., None], embeds[(tok - ids[0]).clamp(0, 1)].to(out.dtype), out)
 
 table.register_forward_hook(use_learned_rows)
+
+if lambda_id > 0:
+    arcface = arcface.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def source_identity():
+        """Mean ArcFace embedding of the aligned source faces (normalised): R(B(I_s)) of eq. 7."""
+        crops = torch.cat([faces.warp_torch(it["image"][None].float().to(device), torch.tensor(
+            faces.similarity_transform(it["face"].landmarks, faces.ARCFACE_TEMPLATE), dtype=torch.float32,
+            device=device)[None], 112) for it in sources])
+        return F.normalize(F.normalize(arcface(crops), dim=-1).mean(0), dim=-1)
+
+    src_id = source_identity()
 
 # latents cached once: the VAE is frozen, so each photo's posterior never changes
 @torch.no_grad()
@@ -191,7 +270,8 @@ def losses_for_step(phase, boost):
     record = phase == 2 and lambda_attn > 0
     rec = AttentionRecorder(text_ids, ids, attn_resolutions if record else ())  # () records nothing
     with autocast, sd.unet.record_attention(rec):
-        pred = sd.unet(sd.schedule.add_noise(z0, noise, t), t, sd.text_encoder(text_ids))
+        context = sd.text_encoder(text_ids)
+        pred = sd.unet(sd.schedule.add_noise(z0, noise, t), t, context)
     terms, total = {}, 0.0
     for i, (name, _, _, mask, _, weight) in enumerate(items):
         terms[name] = masked_mse(pred[i:i + 1], noise[i:i + 1], mask[None])  # eq. 4 (s), 5 (r), 6 (c)
@@ -205,7 +285,37 @@ def losses_for_step(phase, boost):
         masks = torch.stack([torch.stack([m if m is not None else ones for m in it[4]]) for it in items])
         terms["attn"] = attention_refocus(rec.maps, masks[:, :, 0])  # eq. 8
         total = total + lambda_attn * terms["attn"]
+    if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
+        sel = [i for i, it in enumerate(items) if it[0] in ("s", "c")]
+        terms["id"], terms["id_skipped"] = identity_term(z0[sel], noise[sel], context[sel])
+        if terms["id"] is not None:
+            total = total + lambda_id * terms["id"]
+        else:
+            del terms["id"]
     return total, terms
+
+def identity_term(z0, noise, context):
+    """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
+    cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to the
+    source identity. A sample without a detected face is skipped and counted."""
+    t_id = torch.randint(1, t_id_max, (len(z0),), generator=gen).to(device)
+    z_t = sd.schedule.add_noise(z0, noise, t_id)
+    with autocast:
+        eps = sd.unet(z_t, t_id, context)
+        z0_hat = predict_x0(z_t, eps.float(), sd.schedule.alphas_cumprod.to(device)[t_id])
+        images = sd.vae.decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
+    embs, skipped = [], 0
+    for image in images:
+        found = faces.detect(to_uint8(image), model=detector_model or None)
+        if not found:
+            skipped += 1
+            continue
+        M = faces.similarity_transform(largest(found).landmarks, faces.ARCFACE_TEMPLATE)
+        crop = faces.warp_torch(image[None], torch.tensor(M, dtype=torch.float32, device=device)[None], 112)
+        embs.append(arcface(crop))
+    if not embs:
+        return None, torch.tensor(float(skipped))
+    return identity_loss(torch.cat(embs), src_id.expand(len(embs), -1)), torch.tensor(float(skipped))
 
 # -----------------------------------------------------------------------------
 # validation: fixed seeds, the four prompts, and how much each token attends outside its region
@@ -369,7 +479,7 @@ for step in bar:
                 raise SystemExit(f"step {step}: loss term '{name}' is {v.item()}. Nothing was saved from this step; "
                                  f"the last checkpoint is in {out_dir}/checkpoints. Try a lower learning rate, "
                                  "dtype=bf16 instead of fp16, or check the photos and masks.")
-            sums[name] = sums.get(name, 0.0) + v.item() / grad_accum
+            sums[name] = sums.get(name, 0.0) + v.item() / (1 if name == "id_skipped" else grad_accum)
         sums["loss"] = sums.get("loss", 0.0) + total.item() / grad_accum
         scaler.scale(total / grad_accum).backward()
     scaler.unscale_(opt)
@@ -380,7 +490,7 @@ for step in bar:
     opt.zero_grad(set_to_none=True)
 
     done = step + 1
-    row = dict(step=done, phase=phase, loss=sums.pop("loss"), **{f"loss_{k}": v for k, v in sums.items()},
+    row = dict(step=done, phase=phase, loss=sums.pop("loss"), **{k if k == "id_skipped" else f"loss_{k}": v for k, v in sums.items()},
                lr=sched.get_last_lr()[0], **({"lr_lora": sched.get_last_lr()[1]} if phase == 2 else {}), seconds=round(time.time() - t0, 2))
     if done % eval_interval == 0 or done == phase1_steps or done == total_steps:
         row.update(evaluate(done))

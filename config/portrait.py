@@ -16,7 +16,7 @@ lora_rank = 4
 lora_alpha = 4.0        # W' = W + U V^T: no extra scaling
 grad_accum = 4          # paper: batch 1, gradient accumulation 4
 lambda_attn = 2.5       # paper
-lambda_id = 0.0         # paper: 1.0; the identity loss (eq. 7) needs the face models, which are not built yet
+lambda_id = 1.0         # paper (0.25 and 0.5 also fine)
 attn_resolutions = (16,)
 dtype = "bf16"
 eval_interval = 250

@@ -124,21 +124,95 @@ def test_nan_stops_with_advice(cache, tmp_path):
     assert r.returncode != 0
     assert "loss term" in r.stderr and "lower learning rate" in r.stderr, r.stderr[-2000:]
 
-def test_missing_masks_named_before_model_loads(cache, tmp_path):
-    """Photos without <name>_mask.png are listed with how to make masks; the model is never loaded."""
+# --- with stand-in face models (tests/standins.py): detection, crops, automatic masks, identity loss ---
+
+FACE = dict(box=(200, 180, 400, 430), score=0.9,  # in the detector's 640x640 letterbox: 256 px photos x2.5
+            landmarks=[(250, 270), (350, 270), (300, 320), (260, 370), (340, 370)])
+SMALL_FACE = dict(box=(500, 500, 540, 540), score=0.8,
+                  landmarks=[(510, 512), (530, 512), (520, 520), (512, 530), (528, 530)])
+
+@pytest.fixture(scope="module")
+def face_models(cache):
+    import numpy as np
+    import standins
+    d = cache / "faces"
+    d.mkdir()
+    labels = np.zeros((512, 512), np.int64)
+    labels[160:400, 140:370] = 1  # "skin" in the middle of the aligned 512 crop
+    return dict(det=standins.detector(str(d / "det.onnx"), [FACE]),
+                det2=standins.detector(str(d / "det2.onnx"), [FACE, SMALL_FACE]),
+                rec=standins.recognizer(str(d / "rec.onnx")),
+                par=standins.parser(str(d / "par.onnx"), labels))
+
+def face_args(m, det="det"):
+    return [f"--detector_model={m[det]}", f"--recognizer_model={m['rec']}", f"--parser_model={m['par']}"]
+
+def test_faces_crop_and_automatic_masks(cache, tmp_path, face_models):
+    """With face models: photos are cropped around the largest face (several faces are reported), a photo
+    without <name>_mask.png gets one from the parser, and detections are cached for a resumed run."""
     src = tmp_path / "src"
     shutil.copytree(cache / "src", src)
     os.remove(src / "01_mask.png")
-    r = train(cache, tmp_path / "m", f"--source_dir={src}", "--init_from=./does/not/exist")
+    out = tmp_path / "f"
+    r = train(cache, out, f"--source_dir={src}", "--face_crop=True", "--phase1_steps=1", "--phase2_steps=0",
+              *face_args(face_models, "det2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 faces; using the largest" in r.stdout
+    cached = json.load(open(out / "faces.json"))
+    assert len(cached) == 6 and all(len(v) == 2 for v in cached.values())
+    assert (out / "masks" / "source_01.png").exists()
+
+def test_photo_without_face_is_named(cache, tmp_path, face_models):
+    """A photo where the detector finds no face stops the run, naming it and saying what makes a usable photo."""
+    from PIL import Image
+    src = tmp_path / "src"
+    shutil.copytree(cache / "src", src)
+    Image.new("RGB", (256, 256), (20, 20, 20)).save(src / "dark.png")  # the stand-in sees no face in it
+    r = train(cache, tmp_path / "n", f"--source_dir={src}", "--face_crop=True", *face_args(face_models))
     assert r.returncode != 0
-    assert "01.png" in r.stderr and "_mask.png" in r.stderr and "does/not/exist" not in r.stderr
+    assert "no face found in" in r.stderr and "dark.png" in r.stderr and "01.png" not in r.stderr
+
+def test_missing_face_model_offline_is_clear(cache, tmp_path):
+    """Without masks and without the face models (offline, empty cache) the error names the model file
+    and how to fetch it."""
+    src = tmp_path / "src"
+    shutil.copytree(cache / "src", src)
+    os.remove(src / "01_mask.png")
+    env = dict(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={tmp_path / 'o'}", "--synthetic_data=False",
+           f"--source_dir={src}", f"--reference_dir={cache / 'ref'}", *FAST]
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"), **env),
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "retinaface_10g.onnx" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
+
+def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypatch):
+    """Eq. 7 on the tiny model with stand-in face models: it reaches the LoRA weights through the decoder and
+    the differentiable crop; when the detector finds nothing it is skipped and counted, without error."""
+    out = tmp_path / "id"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "xdg"))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["train.py", "config/tiny.py", f"--out_dir={out}", "--synthetic_data=False",
+                                      f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}", *FAST,
+                                      "--phase1_steps=1", "--phase2_steps=2", "--lambda_id=1.0", "--face_crop=True",
+                                      *face_args(face_models)])
+    g = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    rows = log(out)
+    assert "loss_id" in rows[-1] and rows[-1]["id_skipped"] == 0, rows[-1]
+    params = lora.lora_parameters(g["sd"].unet)
+    for p in params:
+        p.grad = None
+    total, terms = g["losses_for_step"](2, 1.0)
+    terms["id"].backward()
+    assert sum(p.grad.abs().sum().item() for p in params if p.grad is not None) > 0
+    monkeypatch.setattr(g["faces"], "detect", lambda *a, **k: [])
+    total, terms = g["losses_for_step"](2, 1.0)
+    assert "id" not in terms and terms["id_skipped"].item() == 2
 
 def test_bad_settings(cache, tmp_path):
     """Unknown settings and unsupported options fail with a clear message."""
     r = train(cache, tmp_path / "x", "--lamda_attn=1")
     assert r.returncode != 0 and "did you mean 'lambda_attn'" in r.stderr
-    r = train(cache, tmp_path / "x", "--lambda_id=1.0")
-    assert r.returncode != 0 and "lambda_id" in r.stderr
     r = train(cache, tmp_path / "x", "--attn_resolutions=(3,)", "--phase1_steps=0", "--phase2_steps=1")
     assert r.returncode != 0 and "matches no cross-attention layer" in r.stderr
 

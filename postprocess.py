@@ -1,0 +1,187 @@
+"""
+The paper's post-processing: Real-ESRGAN super-resolution, then CodeFormer face
+restoration pasted back into the enlarged image (MagiCapture, "ours + postprocessing").
+
+    python postprocess.py out/samples/0.png out/samples/1.png --out_dir=out/enhanced
+    python postprocess.py a.png --scale=4 --weight=0.7       # larger weight = closer to the input face
+    python postprocess.py a.png --no_restore                 # super-resolution only
+    python postprocess.py a.png --scale=1                    # face restoration only
+    python postprocess.py a.png --parse                      # replace face classes only: hair, background untouched
+
+Writes <name>_enhanced.png per input. In code: enhance(image) on an HxWx3 uint8 RGB
+array (sample.py's --postprocess calls it). The ONNX files come from the Hub through
+faces.model_path; --upscaler/--restorer/--detector/--parser take local .onnx files instead.
+"""
+
+import os
+import sys
+
+import cv2
+import numpy as np
+
+import faces
+from configurator import configure
+
+CROP = 512  # CodeFormer works on 512x512 crops aligned to faces.FFHQ_TEMPLATE
+
+def feed(arg, value):
+    """`value` as an array of the dtype and shape an ONNX input declares (symbolic dims become 1)."""
+    dtype = faces.NP_TYPES[arg.type]  # e.g. CodeFormer's weight is float64 (1,) in the real file
+    if np.ndim(value) == 0:
+        return np.full([d if isinstance(d, int) else 1 for d in arg.shape], value, dtype=dtype)
+    return value.astype(dtype)
+
+def check_image(image):
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"expected an HxWx3 uint8 RGB array, got {getattr(image, 'dtype', type(image))} "
+                         f"{getattr(image, 'shape', '')}")
+
+# -----------------------------------------------------------------------------
+# Real-ESRGAN, in overlapping tiles
+
+def tiled(sess, image, tile=256, overlap=16, dtype=np.uint8):
+    """Run a super-resolution session over `image` (HxWx3 uint8 RGB) tile by tile -> (fH, fW, 3) array
+    of `dtype` (uint8, or float32 in [0, 1]), f the model's factor (4 for real_esrgan_x4).
+
+    Each `tile`-sized core is run with `overlap` pixels of real context on every side (clipped at the
+    image border, where the whole-image run sees the model's own padding too), and only the core's
+    part of the output is kept: as long as the model's receptive field is within `overlap`, tiles
+    give the same numbers as one whole-image run, so no seam shows, while memory stays that of one
+    tile. The model's spatial size is dynamic, so border tiles may be smaller, down to 1 pixel."""
+    check_image(image)
+    h, w = image.shape[:2]
+    out = None
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)                        # core
+            py0, px0 = max(y0 - overlap, 0), max(x0 - overlap, 0)                # core + context
+            py1, px1 = min(y1 + overlap, h), min(x1 + overlap, w)
+            x = image[py0:py1, px0:px1].transpose(2, 0, 1)[None] / 255.0         # (1, 3, th, tw) RGB in [0, 1]
+            y = faces.run(sess, x)[0][0]                                         # (3, f*th, f*tw) in [0, 1]
+            f = y.shape[1] // (py1 - py0)
+            if out is None:
+                out = np.empty((f * h, f * w, 3), dtype)
+            y = y[:, f * (y0 - py0):f * (y1 - py0), f * (x0 - px0):f * (x1 - px0)]  # crop back to the core
+            y = np.clip(y.transpose(1, 2, 0).astype(np.float32), 0, 1)
+            out[f * y0:f * y1, f * x0:f * x1] = np.rint(y * 255) if dtype == np.uint8 else y
+    return out
+
+def upscale(image, scale=4, tile=256, overlap=16, model=None):
+    """Real-ESRGAN x4 super-resolution of an HxWx3 uint8 RGB image, resized to `scale` times its size
+    (2: the model's 4x result shrunk with area averaging; 4: the model's output as is)."""
+    sess = faces.session(faces.model_path("upscaler", model))
+    out = tiled(sess, image, tile, overlap)
+    h, w = round(image.shape[0] * scale), round(image.shape[1] * scale)
+    if out.shape[:2] != (h, w):
+        shrink = h < out.shape[0]
+        out = cv2.resize(out, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return out
+
+# -----------------------------------------------------------------------------
+# CodeFormer, with paste-back
+
+def feather(mask, edge):
+    """Shrink a mask by `edge` pixels, then blur it over `edge` pixels: the soft edge stays inside the
+    original mask, so pixels outside it are never touched."""
+    k = 2 * edge + 1
+    return cv2.GaussianBlur(cv2.erode(mask, np.ones((k, k), np.uint8)), (k, k), 0)
+
+def paste_back(image, crop, matrix, parse_mask=None):
+    """Blend a restored CROPxCROP crop (float32 RGB 0..255) into `image` (float32 HxWx3) through the
+    inverse of the alignment `matrix`. parse_mask (H, W) in [0, 1], if given, narrows the blend to it."""
+    h, w = image.shape[:2]
+    inverse = cv2.invertAffineTransform(matrix)
+    face = cv2.warpAffine(crop, inverse, (w, h), flags=cv2.INTER_LINEAR)
+    mask = cv2.warpAffine(np.ones((CROP, CROP), np.float32), inverse, (w, h), flags=cv2.INTER_LINEAR)
+    mask = cv2.erode(mask, np.ones((3, 3), np.uint8))  # drop the rim where the crop's border was interpolated
+    edge = max(1, int(np.sqrt(mask.sum())) // 20)      # feather width: sqrt(face area) / 20, as CodeFormer's helper
+    mask = feather(mask, edge)
+    if parse_mask is not None:
+        mask *= feather(parse_mask.astype(np.float32), edge)
+    mask = mask[..., None]
+    return image * (1 - mask) + face * mask
+
+def restore_faces(image, weight=0.5, model=None, detector=None, parse=False, parser=None):
+    """CodeFormer on every detected face of an HxWx3 uint8 RGB image -> (image, number of faces restored).
+
+    weight is CodeFormer's fidelity w in [0, 1]: smaller restores more, larger keeps closer to the
+    input (official inference: 0.5). parse (implied by a parser file) replaces only the face classes
+    of the BiSeNet parsing (faces.face_mask), leaving hair, neck and background untouched."""
+    check_image(image)
+    found = faces.detect(image, model=detector)
+    if not found:
+        return image, 0
+    sess = faces.session(faces.model_path("restorer", model))
+    args = sess.get_inputs()  # the real file: image (1, 3, 512, 512) float32, weight (1,) float64
+    out = image.astype(np.float32)
+    for face in found:
+        matrix = faces.similarity_transform(face.landmarks, faces.FFHQ_TEMPLATE)  # (2, 3) image -> crop
+        # unlike faces.warp (black outside the image), replicate the border: a crop reaching past the image
+        # edge then warps back without darkening the edge pixels, and CodeFormer sees no false black bars
+        crop = cv2.warpAffine(image, matrix, (CROP, CROP), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        x = (crop.transpose(2, 0, 1)[None] / 255.0 - 0.5) / 0.5                    # (1, 3, 512, 512) in [-1, 1]
+        feeds = {args[0].name: feed(args[0], x)}
+        if len(args) > 1:
+            feeds[args[1].name] = feed(args[1], weight)
+        y = sess.run(None, feeds)[0][0].astype(np.float32)                         # (3, 512, 512) in [-1, 1]
+        restored = (np.clip(y, -1, 1).transpose(1, 2, 0) + 1) * 127.5
+        parse_mask = faces.face_mask(image, face, model=parser) if parse or parser else None
+        out = paste_back(out, np.ascontiguousarray(restored), matrix, parse_mask)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), len(found)
+
+# -----------------------------------------------------------------------------
+
+def enhance(image, upscale_factor=2, restore=True, weight=0.5, tile=256, overlap=16,
+            upscaler=None, restorer=None, detector=None, parse=False, parser=None):
+    """The paper's order: super-resolution first, then face restoration on the enlarged image.
+    upscale_factor 1 skips super-resolution; restore=False skips faces. Prints what it did."""
+    check_image(image)
+    h, w = image.shape[:2]
+    upscaled = upscale_factor != 1
+    if upscaled:
+        image = upscale(image, upscale_factor, tile, overlap, upscaler)
+        print(f"upscaled {w}x{h} -> {image.shape[1]}x{image.shape[0]} (Real-ESRGAN)")
+    if restore:
+        image, n = restore_faces(image, weight, restorer, detector, parse, parser)
+        if n:
+            print(f"restored {n} face{'s' if n > 1 else ''} (CodeFormer, weight {weight})")
+        else:
+            print("no face found: upscaled only" if upscaled else "no face found: image unchanged")
+    return image
+
+def main(argv=None):
+    """python postprocess.py in.png [more.png ...] --out_dir=DIR [--scale=2] [--weight=0.5] [--no_restore]"""
+    from PIL import Image
+    from data import read_rgb
+    argv = sys.argv[1:] if argv is None else argv
+    paths = [a for a in argv if not a.startswith("--")]  # configure() would read these as config files
+    settings = dict(
+        out_dir="out/enhanced",
+        scale=2.0,          # output size / input size (official inference: 2)
+        weight=0.5,         # CodeFormer fidelity (official inference: 0.5)
+        no_restore=False,   # super-resolution only
+        parse=False,        # restore face classes only (BiSeNet parsing)
+        tile=256,           # Real-ESRGAN tile core, pixels of the input
+        overlap=16,         # context around each tile
+        upscaler="", restorer="", detector="", parser="",  # local .onnx files; "" = from the Hub
+    )
+    configure(settings, [a for a in argv if a.startswith("--")])
+    if not paths:
+        raise SystemExit(main.__doc__)
+    for p in paths:
+        if not os.path.isfile(p):
+            raise SystemExit(f"{p}: no such file")
+    s = settings
+    os.makedirs(s["out_dir"], exist_ok=True)
+    for p in paths:
+        print(p)
+        image = np.asarray(read_rgb(p))
+        image = enhance(image, s["scale"], not s["no_restore"], s["weight"], s["tile"], s["overlap"],
+                        s["upscaler"] or None, s["restorer"] or None, s["detector"] or None,
+                        s["parse"], s["parser"] or None)
+        name = os.path.splitext(os.path.basename(p))[0] + "_enhanced.png"
+        Image.fromarray(image).save(os.path.join(s["out_dir"], name))
+        print(f"-> {os.path.join(s['out_dir'], name)}")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""
+onnx_torch.GraphModule against onnxruntime: small ArcFace-like graphs (TorchScript export at opset 11 as
+InsightFace does, and an MXNet-style graph built by hand), gradients to the input, refused ops, and one
+tiny graph per supported op.
+Run: python -m pytest -q tests/test_onnx_torch.py
+"""
+
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import onnx_torch  # noqa: E402
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|: the parity measure the tests report."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-12)).item()
+
+
+def onnxruntime_run(path, *xs):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)})
+
+
+def save_graph(path, nodes, inputs, outputs, inits=(), opset=13, extra_inputs=()):
+    """A model from onnx.helper pieces. inputs: {name: shape} float32 (None dims are dynamic);
+    inits: {name: np.ndarray}; extra_inputs: initializer names also listed as graph inputs (old style)."""
+    inits = dict(inits)
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()]
+        + [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(inits[n].dtype), inits[n].shape)
+           for n in extra_inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [onnx.numpy_helper.from_array(v, n) for n, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    onnx.save(model, str(path))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ArcFace-like stand-ins
+
+class Block(nn.Module):
+    """InsightFace IBasicBlock: BN -> conv -> BN -> PReLU -> strided conv -> BN, plus a 1x1 strided shortcut."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.prelu = nn.PReLU(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 2, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+        return y + self.downsample(x)
+
+
+class TinyIResNet(nn.Module):
+    """IResNet layout with 8-16 channels: 112x112 -> four strided blocks -> 7x7 -> Flatten -> Gemm -> 512."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.prelu = nn.PReLU(8)
+        self.layers = nn.Sequential(Block(8, 8), Block(8, 16), Block(16, 16), Block(16, 16))
+        self.bn2 = nn.BatchNorm2d(16)
+        self.dropout = nn.Dropout(0.4)
+        self.fc = nn.Linear(16 * 7 * 7, 512)
+        self.features = nn.BatchNorm1d(512)
+
+    def forward(self, x):  # (B, 3, 112, 112)
+        x = self.layers(self.prelu(self.bn1(self.conv1(x))))  # (B, 16, 7, 7)
+        x = torch.flatten(self.dropout(self.bn2(x)), 1)
+        return self.features(self.fc(x))  # (B, 512)
+
+
+@pytest.fixture(scope="module")
+def iresnet_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    net = TinyIResNet()
+    with torch.no_grad():  # random running stats and affines, so a folded or misplaced norm would show
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(0.0, 0.5)
+    net.eval()
+    path = tmp_path_factory.mktemp("onnx") / "iresnet.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 112, 112),), str(path), dynamo=False, opset_version=11,
+                      input_names=["input.1"], output_names=["embedding"],
+                      dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def mxnet_onnx(tmp_path_factory):
+    """MXNet-converted layout: (x - 127.5) * 0.0078125 on raw pixels, conv/BN/PReLU, Reshape(0, -1), Gemm."""
+    rng = np.random.default_rng(0)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {
+        "mean": np.float32(127.5).reshape(()), "scale": np.float32(0.0078125).reshape(()),
+        "w1": f(8, 3, 4, 4) * 0.3, "b1": f(8),
+        "bn_s": 1 + 0.2 * f(8), "bn_b": f(8) * 0.2, "bn_m": f(8) * 0.3, "bn_v": rng.uniform(0.5, 2, 8).astype(np.float32),
+        "slope": rng.uniform(0, 0.5, (8, 1, 1)).astype(np.float32),
+        "w2": f(16, 8, 4, 4) * 0.1,
+        "fc_w": f(512, 16 * 7 * 7) * 0.05, "fc_b": f(512),
+    }
+    nodes = [
+        helper.make_node("Sub", ["data", "mean"], ["sub"], name="minus"),
+        helper.make_node("Mul", ["sub", "scale"], ["norm"], name="mul"),
+        helper.make_node("Conv", ["norm", "w1", "b1"], ["c1"], kernel_shape=[4, 4], strides=[4, 4], name="conv0"),
+        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], epsilon=2e-5, name="bn0"),
+        helper.make_node("PRelu", ["bn", "slope"], ["act"], name="relu0"),
+        helper.make_node("Conv", ["act", "w2"], ["c2"], kernel_shape=[4, 4], strides=[4, 4], name="conv1"),
+        helper.make_node("Constant", [], ["shape"], value=onnx.numpy_helper.from_array(np.array([0, -1], np.int64))),
+        helper.make_node("Reshape", ["c2", "shape"], ["flat"], name="reshape0"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["fc1"], transB=1, name="pre_fc1"),
+    ]
+    path = tmp_path_factory.mktemp("onnx") / "mxnet.onnx"
+    # MXNet conversions list the weights among the graph inputs too
+    return save_graph(path, nodes, {"data": ["N", 3, 112, 112]}, ["fc1"], inits, opset=11, extra_inputs=["w1", "fc_w"])
+
+
+def test_torchscript_export_holds_the_arcface_ops(iresnet_onnx):
+    """The stand-in's export has the op set DESIGN.md gives for InsightFace's PyTorch exports."""
+    ops = {n.op_type for n in onnx.load(str(iresnet_onnx)).graph.node}
+    assert {"Conv", "BatchNormalization", "PRelu", "Add", "Flatten", "Gemm"} <= ops, ops
+
+
+@pytest.mark.parametrize("graph", ["iresnet_onnx", "mxnet_onnx"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_matches_onnxruntime(graph, batch, request):
+    """GraphModule gives onnxruntime's (B, 512) embedding, at batch 1 and a dynamic batch of 3."""
+    path = request.getfixturevalue(graph)
+    torch.manual_seed(batch)
+    x = torch.randn(batch, 3, 112, 112) * (127.5 if graph == "mxnet_onnx" else 1) + (127.5 if graph == "mxnet_onnx" else 0)
+    with torch.no_grad():
+        ours = onnx_torch.GraphModule(path)(x)
+    (ref,) = onnxruntime_run(path, x)
+    assert ours.shape == ref.shape == (batch, 512)
+    err = rel_err(ours, ref)
+    assert err < 1e-4, f"max abs diff / max abs = {err:.2e}"
+
+
+def test_double_precision_follows_the_module(mxnet_onnx):
+    """.double() moves float weights to float64 (integer shapes stay int64) and float32 inputs are cast."""
+    m = onnx_torch.GraphModule(mxnet_onnx).double()
+    assert m.shape.dtype == torch.int64
+    x = torch.rand(2, 3, 112, 112) * 255
+    out = m(x)
+    assert out.dtype == torch.float64
+    err = rel_err(out, onnxruntime_run(mxnet_onnx, x)[0])
+    assert err < 1e-4, f"max abs diff / max abs = {err:.2e}"
+
+
+def test_gradient_reaches_input_and_weights_are_frozen(iresnet_onnx):
+    """The identity loss backpropagates into pixels: input.grad is finite and nonzero; no weight trains."""
+    m = onnx_torch.GraphModule(iresnet_onnx)
+    params = list(m.parameters())
+    assert params and not any(p.requires_grad for p in params)
+    x = torch.randn(2, 3, 112, 112, requires_grad=True)
+    emb = torch.nn.functional.normalize(m(x), dim=-1)
+    (1 - (emb[0] * emb[1]).sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+    assert all(p.grad is None for p in params)
+
+
+def test_unsupported_ops_are_named(tmp_path):
+    """A graph with Softplus and Einsum is refused at load, and the error names both ops and their nodes."""
+    nodes = [helper.make_node("Softplus", ["x"], ["s"], name="soft0"),
+             helper.make_node("Einsum", ["s", "s"], ["y"], equation="ij,ij->ij", name="ein0"),
+             helper.make_node("Softplus", ["y"], ["z"], name="soft1")]
+    path = save_graph(tmp_path / "bad.onnx", nodes, {"x": [2, 2]}, ["z"], opset=13)
+    with pytest.raises(NotImplementedError) as e:
+        onnx_torch.GraphModule(path)
+    msg = str(e.value)
+    assert "ONNX op Softplus (node soft0)" in msg and "ONNX op Einsum (node ein0)" in msg, msg
+
+
+def test_auto_pad_is_refused(tmp_path):
+    """Conv with auto_pad SAME_UPPER is refused rather than padded by guesswork."""
+    w = np.ones((1, 1, 3, 3), np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", name="c")]
+    path = save_graph(tmp_path / "pad.onnx", nodes, {"x": [1, 1, 5, 5]}, ["y"], {"w": w})
+    with pytest.raises(NotImplementedError, match="auto_pad SAME_UPPER"):
+        onnx_torch.GraphModule(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# one tiny graph per supported op: (name, nodes, {input: shape}, outputs, initializers)
+
+R = np.random.default_rng(1)
+
+
+def rnd(*s):
+    return R.standard_normal(s).astype(np.float32)
+
+
+def node(op, ins, outs=("y",), **attrs):
+    return helper.make_node(op, list(ins), list(outs), **attrs)
+
+
+CASES = [
+    ("conv_groups_strides_asym_pads_dilations", [node("Conv", ["x", "w", "b"], group=2, strides=[2, 1],
+                                                      pads=[1, 0, 2, 1], dilations=[1, 2])],
+     {"x": [2, 4, 9, 10]}, ["y"], {"w": rnd(6, 2, 3, 3), "b": rnd(6)}),
+    ("conv_symmetric_pads_no_bias", [node("Conv", ["x", "w"], pads=[1, 1, 1, 1])],
+     {"x": [1, 3, 6, 6]}, ["y"], {"w": rnd(5, 3, 3, 3)}),
+    ("conv_depthwise", [node("Conv", ["x", "w"], group=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1])],
+     {"x": [1, 4, 6, 6]}, ["y"], {"w": rnd(4, 1, 3, 3)}),
+    ("conv_1d_asym_pads", [node("Conv", ["x", "w", "b"], pads=[2, 0], strides=[2])],
+     {"x": [2, 3, 11]}, ["y"], {"w": rnd(4, 3, 3), "b": rnd(4)}),
+    ("batchnorm_epsilon", [node("BatchNormalization", ["x", "s", "b", "m", "v"], epsilon=1e-3)],
+     {"x": [2, 3, 4, 4]}, ["y"], {"s": rnd(3), "b": rnd(3), "m": rnd(3), "v": R.uniform(0.1, 2, 3).astype(np.float32)}),
+    ("batchnorm_2d_input", [node("BatchNormalization", ["x", "s", "b", "m", "v"])],
+     {"x": [3, 5]}, ["y"], {"s": rnd(5), "b": rnd(5), "m": rnd(5), "v": R.uniform(0.1, 2, 5).astype(np.float32)}),
+    ("prelu_slope_c11", [node("PRelu", ["x", "a"])], {"x": [2, 3, 4, 5]}, ["y"], {"a": rnd(3, 1, 1)}),
+    ("prelu_slope_scalar", [node("PRelu", ["x", "a"])], {"x": [2, 3, 4, 5]}, ["y"], {"a": rnd(1)}),
+    ("prelu_slope_c_on_2d", [node("PRelu", ["x", "a"])], {"x": [4, 6]}, ["y"], {"a": rnd(6)}),
+    ("prelu_slope_last_dim_numpy_broadcast", [node("PRelu", ["x", "a"])], {"x": [2, 3, 4, 5]}, ["y"], {"a": rnd(5)}),
+    ("gemm_transB_alpha_beta_bias_1d", [node("Gemm", ["x", "w", "c"], transB=1, alpha=0.5, beta=2.0)],
+     {"x": [3, 4]}, ["y"], {"w": rnd(5, 4), "c": rnd(5)}),
+    ("gemm_transA_bias_2d", [node("Gemm", ["x", "w", "c"], transA=1)], {"x": [4, 3]}, ["y"], {"w": rnd(4, 5), "c": rnd(3, 5)}),
+    ("gemm_no_bias", [node("Gemm", ["x", "w"])], {"x": [3, 4]}, ["y"], {"w": rnd(4, 2)}),
+    ("matmul_batched", [node("MatMul", ["x", "w"])], {"x": [2, 3, 4]}, ["y"], {"w": rnd(4, 5)}),
+    ("reshape_zero_and_minus_one", [node("Reshape", ["x", "s"])], {"x": [2, 3, 4, 5]}, ["y"],
+     {"s": np.array([0, -1, 5], np.int64)}),
+    ("reshape_from_constant", [node("Constant", [], ["s"], value=onnx.numpy_helper.from_array(np.array([-1, 6], np.int64))),
+                               node("Reshape", ["x", "s"])], {"x": [2, 3, 4]}, ["y"], {}),
+    ("flatten_axis_0", [node("Flatten", ["x"], axis=0)], {"x": [2, 3, 4]}, ["y"], {}),
+    ("flatten_default_axis", [node("Flatten", ["x"])], {"x": [2, 3, 4, 5]}, ["y"], {}),
+    ("flatten_axis_neg1", [node("Flatten", ["x"], axis=-1)], {"x": [2, 3, 4]}, ["y"], {}),
+    ("add_sub_mul_div_broadcast", [node("Add", ["x", "a"], ["t1"]), node("Sub", ["t1", "b"], ["t2"]),
+                                   node("Mul", ["t2", "a"], ["t3"]), node("Div", ["t3", "c"])],
+     {"x": [2, 3, 4]}, ["y"], {"a": rnd(4), "b": rnd(3, 1), "c": R.uniform(1, 2, (1, 4)).astype(np.float32)}),
+    ("relu_sigmoid_identity_dropout", [node("Relu", ["x"], ["r"]), node("Sigmoid", ["r"], ["s"]),
+                                       node("Identity", ["s"], ["i"]), node("Dropout", ["i"])],
+     {"x": [2, 5]}, ["y"], {}),
+    ("transpose_perm", [node("Transpose", ["x"], perm=[0, 2, 3, 1])], {"x": [2, 3, 4, 5]}, ["y"], {}),
+    ("transpose_default_reverses", [node("Transpose", ["x"])], {"x": [2, 3, 4]}, ["y"], {}),
+    ("concat_two_inputs_negative_axis", [node("Concat", ["x", "z", "x"], axis=-1)],
+     {"x": [2, 3], "z": [2, 4]}, ["y"], {}),
+    ("global_average_pool", [node("GlobalAveragePool", ["x"])], {"x": [2, 3, 5, 6]}, ["y"], {}),
+    ("constant_scalar_and_two_outputs", [node("Constant", [], ["k"], value_float=3.0),
+                                         node("Mul", ["x", "k"], ["y1"]), node("Add", ["x", "k"], ["y2"])],
+     {"x": [2, 3]}, ["y1", "y2"], {}),
+]
+
+
+@pytest.mark.parametrize("name,nodes,inputs,outputs,inits", CASES, ids=[c[0] for c in CASES])
+def test_op_matches_onnxruntime(tmp_path, name, nodes, inputs, outputs, inits):
+    """Each supported op, with its attributes, gives onnxruntime's output."""
+    path = save_graph(tmp_path / f"{name}.onnx", nodes, inputs, outputs, inits)
+    xs = [torch.randn(*s) for s in inputs.values()]
+    ours = onnx_torch.GraphModule(path)(*xs)
+    ours = ours if isinstance(ours, tuple) else (ours,)
+    refs = onnxruntime_run(path, *xs)
+    assert len(ours) == len(refs)
+    for o, r in zip(ours, refs):
+        assert tuple(o.shape) == r.shape, f"shape {tuple(o.shape)} vs onnxruntime {r.shape}"
+        err = rel_err(o, r)
+        assert err < 1e-5, f"max abs diff / max abs = {err:.2e}"
