@@ -181,7 +181,7 @@ if lambda_id > 0:  # the ArcFace the identity loss backpropagates through, and t
 # model
 ptdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
-sd.unet.gradient_checkpointing = gradient_checkpointing
+sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
 autocast = torch.autocast(device_type="cuda", dtype=ptdtype, enabled=(device == "cuda" and dtype != "fp32"))
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "fp16"))  # fp16 needs loss scaling; bf16 does not
 

@@ -242,6 +242,14 @@ def test_gradient_checkpointing_same_gradients(tiny_dir):
             loss.backward()
             grads.append(sd.unet.conv_in.weight.grad.clone())
         assert torch.allclose(grads[0], grads[1], atol=1e-6), resolutions
+    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    grads = []
+    for ckpt in (False, True):  # the VAE decoder, as the identity loss uses it
+        sd.vae.gradient_checkpointing = ckpt
+        z.grad = None
+        sd.vae.decode(z).square().mean().backward()
+        grads.append(z.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 # --- loading errors ----------------------------------------------------------
 
