@@ -126,6 +126,11 @@ class Face:
     landmarks: np.ndarray  # (5, 2) float32: left eye, right eye, nose, left and right mouth corners
 
 
+def largest(faces):
+    """The face with the largest box: the subject when a photo holds several."""
+    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
+
+
 def non_max_suppression(boxes, scores, iou):
     """Indices of the boxes kept by greedy non-maximum suppression, best score first."""
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
@@ -153,8 +158,8 @@ def letterbox(image, size):
 
 def detect(image, model=None, threshold=0.5, nms=0.4):
     """Faces in an HxWx3 uint8 RGB image, best score first (score 0.5 and NMS IoU 0.4 as InsightFace)."""
-    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, \
-        f"detect wants an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}"
+    if not (image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+        raise ValueError(f"detect wants an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
     sess = session(model_path("detector", model))
     canvas, scale = letterbox(image, DET_SIZE)
     x = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
@@ -283,8 +288,7 @@ def csim(image_a, image_b, detector=None, recognizer=None):
         faces = detect(image, detector)
         if not faces:
             raise ValueError(f"csim: no face found in {name}")
-        face = max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-        embeddings.append(embed(image, face, recognizer))
+        embeddings.append(embed(image, largest(faces), recognizer))
     return float(embeddings[0] @ embeddings[1])
 
 

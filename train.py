@@ -113,9 +113,6 @@ if need_faces:
                             any(it["mask_photo"] is None for it in photos))) if on]
     print(f"face models needed for {', '.join(why)}")
 
-def largest(found):
-    return max(found, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1]))
-
 def find_faces(items):
     """Each photo's largest face, checked; detections cached in out_dir/faces.json (a resumed run reuses them)."""
     cache_path = os.path.join(out_dir, "faces.json")
@@ -134,7 +131,7 @@ def find_faces(items):
             continue
         if len(found) > 1:
             print(f"{it['path']}: {len(found)} faces; using the largest")
-        it["face"] = face = largest(found)
+        it["face"] = face = faces.largest(found)
         (x1, y1, x2, y2), (w, h) = face.box, it["photo"].size
         if max(x2 - x1, y2 - y1) < max(64, 0.1 * min(w, h)):
             print(f"warning: {it['path']}: the face is only {max(x2 - x1, y2 - y1):.0f} px across; "
@@ -310,7 +307,7 @@ def identity_term(z0, noise, context):
         if not found:
             skipped += 1
             continue
-        M = faces.similarity_transform(largest(found).landmarks, faces.ARCFACE_TEMPLATE)
+        M = faces.similarity_transform(faces.largest(found).landmarks, faces.ARCFACE_TEMPLATE)
         crop = faces.warp_torch(image[None], torch.tensor(M, dtype=torch.float32, device=device)[None], 112)
         embs.append(arcface(crop))
     if not embs:

@@ -162,6 +162,18 @@ def test_faces_crop_and_automatic_masks(cache, tmp_path, face_models):
     assert len(cached) == 6 and all(len(v) == 2 for v in cached.values())
     assert (out / "masks" / "source_01.png").exists()
 
+def test_small_and_cut_off_faces_are_reported(cache, tmp_path, face_models):
+    """A face only a few pixels across, touching the photo's border, is reported per file (a warning, not a stop)."""
+    import standins
+    edge = dict(box=(0, 300, 60, 360), score=0.9,  # 24 px across in the 256 px photos, at the left border
+                landmarks=[(15, 320), (45, 320), (30, 330), (18, 345), (42, 345)])
+    det = standins.detector(str(tmp_path / "edge.onnx"), [edge])
+    r = train(cache, tmp_path / "e", "--face_crop=True", "--phase1_steps=1", "--phase2_steps=0",
+              f"--detector_model={det}", f"--parser_model={face_models['par']}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "00.png: the face is only 24 px across" in r.stdout
+    assert "00.png: the face is cut off at the photo's border" in r.stdout
+
 def test_photo_without_face_is_named(cache, tmp_path, face_models):
     """A photo where the detector finds no face stops the run, naming it and saying what makes a usable photo."""
     from PIL import Image
