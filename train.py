@@ -195,7 +195,8 @@ for i, word in enumerate((init_v1, init_v2)):
             raise SystemExit(f"init word {word!r} is {len(word_ids)} tokens; pick a word that is one token")
         embeds[i] = table.weight[word_ids[0]].float()
     else:
-        embeds[i] = torch.randn(table.embedding_dim, device=device) * 0.017  # official code's std
+        noise = torch.randn(table.embedding_dim, generator=torch.Generator().manual_seed(seed))
+        embeds[i] = noise.to(device) * 0.017  # official code's std
 embeds = torch.nn.Parameter(embeds)
 
 def use_learned_rows(module, args, out):
@@ -352,6 +353,7 @@ def setup_phase(phase):
         steps = phase1_steps
     else:
         if not lora.lora_modules(sd.unet):
+            torch.manual_seed(seed)  # LoRA's random init: the same whatever ran before in this process
             lora.inject(sd.unet, lora_targets, rank=lora_rank, alpha=lora_alpha)
             if lora_text_encoder:
                 lora.inject(sd.text_encoder, lora.OFFICIAL_TEXT_ENCODER, rank=lora_rank, alpha=lora_alpha)

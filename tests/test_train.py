@@ -75,7 +75,7 @@ def test_attention_refocusing_lowers_outside_attention(cache, tmp_path):
     for lam in (2.5, 0.0):
         out = tmp_path / f"ar{lam}"
         r = train(cache, out, "--resolution=128", "--attn_resolutions=(8,)", "--phase1_steps=2",
-                  "--phase2_steps=40", f"--lambda_attn={lam}", "--log_interval=40")
+                  "--phase2_steps=80", f"--lambda_attn={lam}", "--log_interval=40")
         assert r.returncode == 0, r.stderr[-3000:]
         rows = [r for r in log(out) if "attn_outside" in r]
         result[lam] = (rows[0]["attn_outside"], rows[-1]["attn_outside"])  # after phase 1, at the end
@@ -83,7 +83,7 @@ def test_attention_refocusing_lowers_outside_attention(cache, tmp_path):
     assert result[2.5][0] == result[0.0][0]  # identical until phase 2
     for tok in ("<v1>", "<v2>"):
         start, with_ar, without = result[2.5][0][tok], result[2.5][1][tok], result[0.0][1][tok]
-        assert start - with_ar > 0.02 and with_ar < without - 0.02, (tok, start, with_ar, without)
+        assert with_ar < start / 2 and with_ar < without - 0.1, (tok, start, with_ar, without)
 
 @pytest.mark.parametrize("resume_at", [2, 3, 4])
 def test_resume_gives_the_same_weights(cache, tmp_path, resume_at):
@@ -282,3 +282,21 @@ def test_real_configs_parse(tmp_path, config):
     r = subprocess.run([sys.executable, "train.py", config, f"--source_dir={tmp_path / 'none'}"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "none is not a folder" in r.stderr, r.stderr[-2000:]
+
+def test_same_seed_same_weights_whatever_ran_before(cache, tmp_path):
+    """Two runs with one seed end with identical weights, also when the first had to build the tiny
+    pipeline (which draws random numbers) and the second only loaded it."""
+    fresh = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))  # empty: the first run builds "tiny"
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={out}", "--synthetic_data=False",
+               f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}", *FAST,
+               "--phase1_steps=2", "--phase2_steps=2"]
+        r = subprocess.run(cmd, cwd=ROOT, env=fresh, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("building the tiny random pipeline" in r.stdout) == (i == 0)
+        outs.append(out)
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(str(outs[0] / name)), load_file(str(outs[1] / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
