@@ -327,11 +327,13 @@ def evaluate(step):
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     path = os.path.join(out_dir, "samples", f"step{step:05d}.png")
     data.save_labeled_grid(torch.cat(images).cpu(), len(eval_seeds), val_prompts, path)
-    return dict(attn_outside=attention_outside_on_validation(), samples=path)
+    return dict(attention_on_validation(), samples=path)
 
 @torch.no_grad()
-def attention_outside_on_validation():
-    """Composed prompt on every reference photo at t=500, fixed noise: mean scaled attention outside the mask."""
+def attention_on_validation():
+    """Composed prompt on every reference photo at t=500, fixed noise. attn_outside: each token's mean
+    scaled attention outside its mask (what eq. 8 lowers). attn_mass: its mean raw attention probability,
+    which the min-max scaling of eq. 8 cannot see: a token can satisfy eq. 8 by receiving almost none."""
     g = torch.Generator().manual_seed(seed)
     z0 = ref_mean * scale_factor
     noise = torch.randn(z0.shape, generator=g).to(device)
@@ -341,9 +343,11 @@ def attention_outside_on_validation():
     with autocast, sd.unet.record_attention(rec):
         sd.unet(sd.schedule.add_noise(z0, noise, t), t, sd.text_encoder(text_ids))
     if not rec.maps:
-        return None
+        return {}
     outside = attention_outside(rec.maps, torch.stack([ref_face, ref_rest], dim=1)[:, :, 0])
-    return {tok: round(v, 5) for tok, v in zip(tokens, outside.tolist())}
+    mass = torch.stack([m.float().mean(dim=(0, 1, 2, 3)) for m in rec.maps]).mean(0)
+    return dict(attn_outside={tok: round(v, 5) for tok, v in zip(tokens, outside.tolist())},
+                attn_mass={tok: float(f"{v:.3g}") for tok, v in zip(tokens, mass.tolist())})
 
 # -----------------------------------------------------------------------------
 # optimisers: one per phase, linear decay to 0 over the phase

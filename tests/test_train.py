@@ -48,7 +48,7 @@ def test_end_to_end_outputs(cache, tmp_path):
     rows = log(out)
     assert [(r["step"], r["phase"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
     assert all("loss" in r for r in rows) and "loss_attn" in rows[-1] and "loss_c" in rows[-1]
-    assert set(rows[-1]["attn_outside"]) == {"<v1>", "<v2>"}
+    assert set(rows[-1]["attn_outside"]) == set(rows[-1]["attn_mass"]) == {"<v1>", "<v2>"}
     assert json.load(open(out / "config.json"))["init_from"] == "tiny"
     emb = load_file(str(out / "learned_embeds.safetensors"))
     assert sorted(emb) == ["<v1>", "<v2>"] and emb["<v1>"].shape == (32,)
