@@ -300,3 +300,19 @@ def test_same_seed_same_weights_whatever_ran_before(cache, tmp_path):
     for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         a, b = load_file(str(outs[0] / name)), load_file(str(outs[1] / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+def test_official_lora_targets_and_text_encoder(cache, tmp_path):
+    """The official script's targets (self+cross attention, ff.net.0.proj, text encoder q/k/v/out) train and
+    are saved in both formats; lora.load puts them back."""
+    out = tmp_path / "off"
+    r = train(cache, out, "--phase1_steps=1", "--phase2_steps=2", "--lora_text_encoder=True",
+              r"--lora_targets=('.*attn[12]\.(to_q|to_k|to_v|to_out\.0)', '.*ff\.net\.0\.proj')")
+    assert r.returncode == 0, r.stderr[-3000:]
+    peft = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert any(".attn1.to_q.lora_A" in k for k in peft) and any("ff.net.0.proj.lora_B" in k for k in peft)
+    assert any(k.startswith("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.") for k in peft)
+    kohya = load_file(str(out / "lora_kohya.safetensors"))
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)
+    sd = model.StableDiffusion.from_pretrained(str(cache / "xdg" / "magicapture" / "tiny-sd"))
+    lora.load(sd, str(out))
+    assert len(lora.lora_modules(sd.text_encoder)) == 2 * 4  # 2 layers x q, k, v, out
