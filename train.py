@@ -105,12 +105,12 @@ if synthetic_data:
 sources = data.load_folder(source_dir)
 references = data.load_folder(reference_dir)
 photos = sources + references
-need_faces = face_crop or lambda_id > 0 or any(it["mask_photo"] is None for it in photos)
+unmasked = sum(it["mask_photo"] is None for it in photos)
+why = [w for w, on in (("face crops", face_crop), ("the identity loss", lambda_id > 0),
+                       (f"masks of {unmasked} photos without <name>_mask.png", unmasked)) if on]
+need_faces = bool(why)
 if need_faces:
     import faces
-    why = [w for w, on in (("face crops", face_crop), ("the identity loss", lambda_id > 0),
-                           ("masks of photos without <name>_mask.png",
-                            any(it["mask_photo"] is None for it in photos))) if on]
     print(f"face models needed for {', '.join(why)}")
 
 def find_faces(items):
