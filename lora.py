@@ -203,12 +203,15 @@ def export_kohya(unet, text_encoder, path, metadata=None):
     save_file(sd, path, metadata=header)
 
 
-def load(sd, out_dir, scale=1.0):
+def load(sd, out_dir, scale=1.0, text_scale=None):
     """Apply a training run's outputs to a StableDiffusion: LoRA weights and learned token embeddings.
 
-    Reads out_dir/LORA_FILE and out_dir/EMBEDS_FILE; returns the added tokens.
+    Reads out_dir/LORA_FILE and out_dir/EMBEDS_FILE; returns the added tokens. text_scale, if given, is
+    the text encoder LoRA's own scale (official inference: 0.6 UNet, 0.9 text encoder).
     """
     load_lora_file(sd.unet, sd.text_encoder, os.path.join(out_dir, LORA_FILE), scale)
+    if text_scale is not None:
+        set_scale(sd.text_encoder, text_scale)
     embeds = load_file(os.path.join(out_dir, EMBEDS_FILE))
     tokens = list(embeds)
     ids = sd.tokenizer.add_tokens(tokens)

@@ -690,6 +690,30 @@ class Schedule:
             x_prev = x_prev + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x_prev
 
+    def euler_sigmas(self, steps):
+        """Euler ancestral's schedule ('linspace' spacing, as the official MagiCapture inference had it):
+        `steps` timesteps evenly from T-1 down to 0, their noise levels sigma = sqrt((1 - abar) / abar)
+        interpolated between integer timesteps, then a final sigma of 0."""
+        T = self.config.num_train_timesteps
+        t = torch.linspace(0, T - 1, steps, dtype=torch.float64).flip(0)
+        abar = self.alphas_cumprod.double()
+        sig = ((1 - abar) / abar).sqrt()
+        lo = t.floor().long()
+        w = t - lo
+        sigmas = sig[lo] * (1 - w) + sig[(lo + 1).clamp(max=T - 1)] * w
+        return t.float().tolist(), torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float().tolist()
+
+    def euler_ancestral_step(self, x, eps, sigma, sigma_next, generator=None):
+        """One Euler ancestral step in sigma space (Karras et al. 2022; k-diffusion): an Euler step down to
+        sigma_down, then fresh noise of sigma_up, where sigma_down^2 + sigma_up^2 = sigma_next^2."""
+        x0 = x - sigma * eps
+        up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+        down = (sigma_next ** 2 - up ** 2) ** 0.5
+        x = x + (x - x0) / sigma * (down - sigma)
+        if up > 0:
+            x = x + up * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return x
+
 # -----------------------------------------------------------------------------
 # the pipeline: loading, saving, sampling
 
@@ -880,8 +904,11 @@ class StableDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, seed=None, latents=None,
-               height=512, width=512, progress=False):
-        """DDIM with classifier-free guidance -> images (B, 3, H, W) in [0, 1]."""
+               height=512, width=512, progress=False, sampler="ddim"):
+        """Classifier-free guided sampling -> images (B, 3, H, W) in [0, 1]. sampler: "ddim" (eta: its
+        noise) or "euler_a" (Euler ancestral, the official MagiCapture inference)."""
+        if sampler not in ("ddim", "euler_a"):
+            raise ValueError(f"sampler must be 'ddim' or 'euler_a', got {sampler!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         B = len(prompts)
         if height % 8 or width % 8:
@@ -893,16 +920,27 @@ class StableDiffusion(nn.Module):
         x = latents.to(self.device, self.dtype)
         negative = [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt)
         context = self.encode_prompts(negative + prompts)  # (2B, 77, D): unconditional first
-        timesteps = self.schedule.ddim_timesteps(steps)
-        ratio = self.schedule.config.num_train_timesteps // steps
+
+        def guided(x_in, t):
+            eps_uncond, eps_text = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
+            return eps_uncond + guidance * (eps_text - eps_uncond)  # classifier-free guidance
+
+        if sampler == "ddim":
+            timesteps = self.schedule.ddim_timesteps(steps)
+            ratio = self.schedule.config.num_train_timesteps // steps
+        else:
+            timesteps, sigmas = self.schedule.euler_sigmas(steps)
+            x = x * sigmas[0]  # start at the largest noise level
         bar = timesteps
         if progress:
             from tqdm import tqdm
-            bar = tqdm(timesteps, desc="DDIM", unit="step")
-        for t in bar:
-            eps_uncond, eps_text = self.unet(torch.cat([x, x]), t, context).chunk(2)
-            eps = eps_uncond + guidance * (eps_text - eps_uncond)  # classifier-free guidance
-            x = self.schedule.ddim_step(x, eps, t, t - ratio, eta, generator)
+            bar = tqdm(timesteps, desc=sampler, unit="step")
+        for i, t in enumerate(bar):
+            if sampler == "ddim":
+                x = self.schedule.ddim_step(x, guided(x, t), t, t - ratio, eta, generator)
+            else:  # the UNet sees x scaled back to unit variance
+                eps = guided(x / (sigmas[i] ** 2 + 1) ** 0.5, t)
+                x = self.schedule.euler_ancestral_step(x, eps, sigmas[i], sigmas[i + 1], generator)
         images = self.vae.decode(x / self.vae.config.scaling_factor)
         return (images.float() / 2 + 0.5).clamp(0, 1)
 

@@ -30,9 +30,10 @@ init_from = "tiny"        # a Hub repo id, a diffusers-layout folder, or "tiny"
 variant = None            # "fp16" downloads the half-size weight files
 prompt = "a photo of a person"
 negative_prompt = ""
+sampler = "ddim"          # "ddim" or "euler_a" (Euler ancestral, the official MagiCapture inference)
 steps = 50
 guidance = 7.5            # classifier-free guidance scale
-eta = 0.0                 # 0 = deterministic DDIM
+eta = 0.0                 # DDIM only: 0 = deterministic
 seed = 0                  # image i uses seed + i
 num_samples = 4
 batch_size = 4
@@ -40,6 +41,7 @@ height = None             # None: the model's native size (512 for SD1.5, 128 fo
 width = None
 lora = ""                 # a train.py out_dir: its LoRA and learned tokens are applied
 lora_scale = 1.0          # strength of the LoRA (official inference: 0.6)
+lora_scale_text = None    # the text encoder LoRA's own strength, if it has one (official inference: 0.9)
 attention = False         # also save each placeholder token's cross-attention heat map
 postprocess = False       # also save an enhanced copy: super-resolution, then face restoration
 upscale_factor = 2        # of the enhanced copy (the official inference: CodeFormer with 2x upscale)
@@ -82,7 +84,7 @@ def main():
     sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=torch_dtype, variant=variant)
     tokens, attn_res = [], None
     if lora:
-        tokens = lora_lib.load(sd, lora, scale=lora_scale)
+        tokens = lora_lib.load(sd, lora, scale=lora_scale, text_scale=lora_scale_text)
         print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")
         with open(os.path.join(lora, "config.json")) as f:
             attn_res = json.load(f)["attn_resolutions"]  # the maps its attention loss shaped
@@ -106,7 +108,7 @@ def main():
             rec = AttentionRecorder(ids, [sd.tokenizer.tok.token_to_id(t) for t in tokens], attn_res)
         with sd.unet.record_attention(rec):
             out = sd.sample(prompts, negative_prompt=negatives, steps=steps, guidance=guidance, eta=eta,
-                            seed=chunk[0], latents=latents, height=H, width=W, progress=True).cpu()
+                            seed=chunk[0], latents=latents, height=H, width=W, progress=True, sampler=sampler).cpu()
         for s, im in zip(chunk, out):
             save_png(im, os.path.join(out_dir, f"seed{s}.png"))
             if postprocess:

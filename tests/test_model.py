@@ -137,6 +137,25 @@ def test_sample_matches_diffusers_pipeline(tiny_dir, eta):
     err = (ours - ref).abs().max().item()
     assert err < 5e-3, f"max pixel difference {err:.2e}"
 
+def test_euler_ancestral_matches_diffusers(tiny_dir):
+    """sampler='euler_a' equals diffusers' EulerAncestralDiscreteScheduler ('linspace' spacing, as the
+    official MagiCapture inference) with the same latents and noise stream, within 5e-3."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                           timestep_spacing="linspace")
+    pipe.set_progress_bar_config(disable=True)
+    sd = load(tiny_dir)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = pipe(["a photo of a person"], num_inference_steps=15, guidance_scale=7.0, latents=latents,
+               output_type="pt", generator=torch.Generator().manual_seed(3)).images
+    ours = sd.sample(["a photo of a person"], steps=15, guidance=7.0, latents=latents, seed=3, sampler="euler_a",
+                     height=128, width=128)
+    err = (ours - ref).abs().max().item()
+    assert err < 5e-3, f"max pixel difference {err:.2e}"
+    with pytest.raises(ValueError, match="sampler must be"):
+        sd.sample(["a"], steps=1, sampler="plms")
+
 def test_sample_seed_reproducible(tiny_dir):
     """The same seed gives the same images; another seed does not."""
     sd = load(tiny_dir)

@@ -314,5 +314,15 @@ def test_official_lora_targets_and_text_encoder(cache, tmp_path):
     kohya = load_file(str(out / "lora_kohya.safetensors"))
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj.") for k in kohya)
     sd = model.StableDiffusion.from_pretrained(str(cache / "xdg" / "magicapture" / "tiny-sd"))
-    lora.load(sd, str(out))
+    lora.load(sd, str(out), scale=0.6, text_scale=0.9)
     assert len(lora.lora_modules(sd.text_encoder)) == 2 * 4  # 2 layers x q, k, v, out
+    assert {m.scale for _, m in lora.lora_modules(sd.unet)} == {0.6}
+    assert {m.scale for _, m in lora.lora_modules(sd.text_encoder)} == {0.9}
+    # the official inference settings (Euler ancestral, two LoRA scales) run with this result
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"))
+    r = subprocess.run([sys.executable, "sample.py", "config/sample_official.py", "--init_from=tiny", "--variant=None",
+                        f"--lora={out}", "--postprocess=False", "--steps=3", "--num_samples=1", "--height=64",
+                        "--width=64", f"--out_dir={tmp_path / 's'}", "--device=cpu", "--dtype=fp32"],
+                       cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "euler_a" in r.stderr and (tmp_path / "s" / "seed0.png").exists()

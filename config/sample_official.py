@@ -1,0 +1,14 @@
+# Draw as the official MagiCapture inference script does: Euler ancestral, 50 steps, guidance 7,
+# LoRA scale 0.6 on the UNet and 0.9 on the text encoder, then CodeFormer (w 0.5) with a 2x upscale.
+# python sample.py config/sample_official.py --lora=out/portrait_official --prompt="a photo of <v1> person in the <v2> style"
+init_from = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+variant = "fp16"
+sampler = "euler_a"
+steps = 50
+guidance = 7.0
+lora_scale = 0.6
+lora_scale_text = 0.9
+postprocess = True
+upscale_factor = 2
+restore_weight = 0.5
+out_dir = "out/samples-official"
