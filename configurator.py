@@ -35,6 +35,11 @@ def configure(scope, argv=None):
     """Apply a config file and --key=value overrides to the settings in `scope`; returns the resolved settings."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
+    if "-h" in argv or "--help" in argv:
+        print((scope.get("__doc__") or "").strip() + "\n\nsettings (a config file or --key=value changes them):")
+        for k, v in defaults.items():
+            print(f"  {k} = {v!r}")
+        raise SystemExit(0)
     for arg in argv:
         if not arg.startswith("--"):
             try:

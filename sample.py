@@ -1,5 +1,5 @@
 """
-Draw images from a Stable Diffusion 1.5 pipeline with DDIM, optionally with a
+Draw images from a Stable Diffusion 1.5 pipeline (DDIM or Euler ancestral), optionally with a
 MagiCapture training result applied.
 
     python sample.py                                   # the tiny random pipeline, on any machine

@@ -35,3 +35,12 @@ def test_unknown_key_in_file(tmp_path):
     f.write_text("guidence = 3.0\n")
     with pytest.raises(SystemExit, match=r"c.py: unknown setting 'guidence'; did you mean 'guidance'"):
         configure(scope(), [str(f)])
+
+def test_help_lists_settings(capsys):
+    """--help prints the script's docstring and every setting with its default, then exits 0."""
+    s = dict(scope(), __doc__="Draw images.")
+    with pytest.raises(SystemExit) as e:
+        configure(s, ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Draw images.") and "  steps = 50" in out and "torch" not in out
