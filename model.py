@@ -429,8 +429,9 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x, context, hw):
         x = x + self.attn1(self.norm1(x), hw=hw)
         x = x + self.attn2(self.norm2(x), context, hw=hw)
-        for layer in self.ff.net:
-            h = layer(self.norm3(x)) if layer is self.ff.net[0] else layer(h)
+        h = self.norm3(x)
+        for layer in self.ff.net:  # GEGLU, (dropout), Linear
+            h = layer(h)
         return x + h
 
 class Transformer2DModel(nn.Module):

@@ -12,7 +12,6 @@ Paper: Hyung, Shin, Choo, "MagiCapture", AAAI 2024 (equations cited below).
 
 import glob
 import json
-import math
 import os
 import time
 
