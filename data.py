@@ -111,9 +111,13 @@ def save_overlay(item, mask, path):
     red = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
     save_png(img * (1 - 0.5 * mask) + red * 0.5 * mask, path)
 
+def to_uint8(image):
+    """(3, H, W) float tensor in [0, 1] -> (H, W, 3) uint8 array, what PIL and the face models read."""
+    return (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
 def save_png(image, path):
     """(3, H, W) float in [0, 1] -> 8-bit PNG."""
-    Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    Image.fromarray(to_uint8(image)).save(path)
 
 def grid(images, cols=4):
     """(N, 3, H, W) -> (3, rows*H, cols*W), filled row by row, white where empty."""
@@ -136,8 +140,7 @@ def save_labeled_grid(images, cols, labels, path):
     for r in range(rows):
         draw.text((2, r * (h + strip) + 1), labels[r], fill="black", font=font)
         row = grid(images[r * cols:(r + 1) * cols], cols)
-        a = (row.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        canvas.paste(Image.fromarray(a), (0, r * (h + strip) + strip))
+        canvas.paste(Image.fromarray(to_uint8(row)), (0, r * (h + strip) + strip))
     canvas.save(path)
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from PIL import Image
 
 import lora as lora_lib
 from configurator import configure
-from data import grid, save_png
+from data import grid, save_png, to_uint8
 from model import AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
@@ -71,7 +71,7 @@ def overlay(image, heat):
 def save_enhanced(image, stem):
     """<stem>_enhanced.png, and <stem>_compare.png: the plain image (enlarged, nearest) beside the enhanced one."""
     from postprocess import enhance
-    plain = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    plain = to_uint8(image)
     better = enhance(plain, upscale_factor, restore=True, weight=restore_weight, upscaler=upscaler_model or None,
                      restorer=restorer_model or None, detector=detector_model or None)
     Image.fromarray(better).save(stem + "_enhanced.png")

@@ -150,10 +150,6 @@ def face_in_crop(face, square):
     shift = np.array([left, top], np.float32)
     return faces.Face(((face.box.reshape(2, 2) - shift) * k).reshape(4), face.score, (face.landmarks - shift) * k)
 
-def to_uint8(image):
-    """(3, H, W) in [-1, 1] -> (H, W, 3) uint8, what the face models read."""
-    return ((image.detach().float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-
 if need_faces:
     find_faces(photos)
 for it in photos:
@@ -162,7 +158,8 @@ for it in photos:
     if need_faces:
         it["face"] = face_in_crop(it["face"], it["square"])
     if it["mask"] is None:  # the paper's face region from the parser, inside the detected box
-        m = faces.face_mask(to_uint8(it["image"]), it["face"], model=parser_model or None, classes=mask_classes)
+        m = faces.face_mask(data.to_uint8(it["image"] / 2 + 0.5), it["face"], model=parser_model or None,
+                            classes=mask_classes)
         it["mask"] = torch.from_numpy(np.asarray(m, np.float32))[None]
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
 for kind, items in (("source", sources), ("reference", references)):
@@ -303,7 +300,7 @@ def identity_term(z0, noise, context):
         images = sd.vae.decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
     embs, skipped = [], 0
     for image in images:
-        found = faces.detect(to_uint8(image), model=detector_model or None)
+        found = faces.detect(data.to_uint8(image / 2 + 0.5), model=detector_model or None)
         if not found:
             skipped += 1
             continue
