@@ -19,8 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here: never 
 
 import torch
 from configurator import configure
-from model import (AutoencoderKL, CLIPTextModel, Schedule, ScheduleConfig, StableDiffusion, TextConfig, UNet,
-                   UNetConfig, VAEConfig, tiny_tokenizer)
+from model import (DTYPES, AutoencoderKL, CLIPTextModel, Schedule, ScheduleConfig, StableDiffusion, TextConfig,
+                   UNet, UNetConfig, VAEConfig, tiny_tokenizer)
 
 # -----------------------------------------------------------------------------
 device = "cpu"  # or "cuda"
@@ -41,7 +41,7 @@ diffusers.logging.set_verbosity_error()  # the "safety checker disabled" warning
 transformers.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()  # and the loading bars
 transformers.utils.logging.disable_progress_bar()
-tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+tdtype = DTYPES[dtype]
 GUIDANCE = 7.5  # the SD default
 
 # (UNet config, VAE config, text encoder sizes); the vocabulary is our tiny tokenizer's in both

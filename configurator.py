@@ -1,13 +1,18 @@
 """
-Settings for train.py and sample.py, nanoGPT style: a script defines its settings as
-module globals, then calls configure(globals()), which applies, in order,
+Settings for train.py, sample.py and postprocess.py, nanoGPT style: a script defines its settings
+as module globals, then calls configure(globals()), which applies, in order,
 
     python train.py config/portrait.py --lr=1e-4 --seed=3 --attention
 
 a config file (plain Python assigning some of those globals) and --key=value
 overrides (parsed as Python literals, else taken as a string; --key alone sets a
 boolean to True). Unknown keys and values of the wrong type are errors, so a typo
-never silently trains with a default.
+never silently trains with a default. Names in upper case (CROP) are constants, not
+settings. --help lists every setting with the value it has at that point of the
+command line, so `python train.py config/portrait.py --help` shows what the config sets.
+
+Settings with a fixed set of values are checked by the script with check_choice and
+check_device before any model loads.
 """
 
 import ast
@@ -31,16 +36,22 @@ def check(key, value, defaults, source):
         raise SystemExit(f"{source}: '{key}' must be {type(want).__name__} (default {want!r}), got {value!r}")
     return value
 
+def print_help(scope, defaults):
+    """The script's docstring, then each setting's current value and, where it differs, its default."""
+    print((scope.get("__doc__") or "").strip() + "\n\nsettings (a config file or --key=value changes them):")
+    for k, default in defaults.items():
+        changed = f"    (default {default!r})" if scope[k] != default else ""
+        print(f"  {k} = {scope[k]!r}{changed}")
+
 def configure(scope, argv=None):
     """Apply a config file and --key=value overrides to the settings in `scope`; returns the resolved settings."""
     argv = sys.argv[1:] if argv is None else argv
-    defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
-    if "-h" in argv or "--help" in argv:
-        print((scope.get("__doc__") or "").strip() + "\n\nsettings (a config file or --key=value changes them):")
-        for k, v in defaults.items():
-            print(f"  {k} = {v!r}")
-        raise SystemExit(0)
+    defaults = {k: v for k, v in scope.items() if not k.startswith("_") and not k.isupper()
+                and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print_help(scope, defaults)
+            raise SystemExit(0)
         if not arg.startswith("--"):
             try:
                 with open(arg) as f:
@@ -68,3 +79,31 @@ def configure(scope, argv=None):
                     value = text  # --prompt=1 stays the string "1"
             scope[key] = check(key, value, defaults, arg)
     return {k: scope[k] for k in defaults}
+
+def check_choice(key, value, choices):
+    """`value` if it is one of `choices` (any iterable, e.g. the keys of a dict), else SystemExit naming them."""
+    if value not in choices:
+        raise SystemExit(f"{key} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+def check_device(device):
+    """`device` if this machine has it (cpu, cuda, cuda:N, mps), else SystemExit saying to use --device=cpu."""
+    import torch  # here, not at the top: postprocess.py's command line has no device and needs no torch
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"device={device!r} is not a device: use --device=cpu, --device=cuda, "
+                         "--device=cuda:N or --device=mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"device={device!r} but PyTorch sees no CUDA GPU (torch.cuda.is_available() is "
+                             "False): use --device=cpu")
+        index, count = torch.device(device).index, torch.cuda.device_count()
+        if index is not None and index >= count:
+            raise SystemExit(f"device={device!r} but this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}: use one of those or --device=cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"device={device!r} but PyTorch has no MPS (Apple GPU) here: use --device=cpu")
+    return device

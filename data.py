@@ -5,50 +5,102 @@ what to do, and all of it happens before any model is loaded.
 
 A mask is a `<name>_mask.png` next to `<name>.jpg` (white = face, the paper's
 M_s; the reference's M_r is its inverse). make_synthetic() draws the small data
-set config/tiny.py trains on.
+set config/tiny.py trains on, only into a folder of its own.
 """
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_SUFFIX = "_mask.png"
+# Pillow's own default Image.MAX_IMAGE_PIXELS, ~89.5 MP (about 9500x9500): more than any phone takes and far
+# more than a 512 px crop can use, while each photo is held whole in memory for the run
+MAX_PIXELS = 89_478_485
+SYNTHETIC_MARKER = ".magicapture-synthetic"  # make_synthetic's list of the files it drew in a folder
+
+@dataclass
+class Photo:
+    """One photo of a concept, from load_folder to the training loop."""
+    path: str
+    photo: Image.Image                      # upright RGB, full size
+    mask_photo: Image.Image | None = None   # L, full size, from <name>_mask.png
+    image: torch.Tensor | None = None       # (3, R, R) in [-1, 1], once cropped
+    mask: torch.Tensor | None = None        # (1, R, R) in [0, 1], white = face
+    square: tuple | None = None             # (left, top, side) of the crop in photo
+    face: object = None                     # a faces.Face, set by train.py (data.py needs no face models)
+
+def mask_path(path):
+    """Where the mask of a photo lives: <name>_mask.png next to <name>.jpg."""
+    return os.path.splitext(path)[0] + MASK_SUFFIX
 
 def list_images(folder):
-    """Photos in a folder, sorted; masks are paired later, anything else is skipped with a warning."""
+    """-> sorted [(photo path, its mask's path or None)]. A mask pairs by its exact name on every file system;
+    a mask without its photo and anything else that is not a photo are skipped with a warning."""
     if not os.path.isdir(folder):
         raise SystemExit(f"{folder} is not a folder: point source_dir/reference_dir at a folder of photos")
     names = sorted(os.listdir(folder))
-    paths = []
+    paths, masks = [], set()
     for n in names:
         path = os.path.join(folder, n)
-        if n.lower().endswith(MASK_SUFFIX) or os.path.isdir(path):
+        if n.lower().endswith(MASK_SUFFIX):
+            masks.add(path)
+        elif os.path.isdir(path) or n == SYNTHETIC_MARKER:
             continue
-        if n.lower().endswith(EXTENSIONS) and not n.startswith("."):
+        elif n.lower().endswith(EXTENSIONS) and not n.startswith("."):
             paths.append(path)
         else:
             print(f"warning: skipping {path} (not a .jpg/.jpeg/.png/.webp photo)")
-    return paths
+    for m in sorted(masks - {mask_path(p) for p in paths}):
+        print(f"warning: ignoring {m}: it belongs to no photo (the mask of <name>.jpg, .png, ... "
+              f"must be named exactly <name>{MASK_SUFFIX}, next to it)")
+    return [(p, mask_path(p) if mask_path(p) in masks else None) for p in paths]
+
+def open_image(path):
+    """Image.open, refusing a file over MAX_PIXELS by the size in its header, before it is decoded, with a message
+    that names the size and the fix. Pillow's own check is off meanwhile: above Image.MAX_IMAGE_PIXELS it only
+    warns, and above twice that it raises DecompressionBombError, whose traceback does not name the file.
+    A huge photo is refused rather than downscaled: its mask, if any, would need the same resize."""
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise ValueError(f"{w}x{h} pixels, over the limit of {MAX_PIXELS / 1e6:.0f} megapixels; "
+                         "downscale it (e.g. to 4000 px on the long side)")
+    return im
 
 def read_rgb(path):
-    """Open a photo upright (EXIF orientation applied) as RGB; transparency is composited over white."""
-    with Image.open(path) as im:
+    """Open a photo upright (EXIF orientation applied) as 8-bit RGB, whatever Pillow's mode:
+    - I;16, I;16B, ... (16-bit grey): 0..65535 scaled to 0..255 (Pillow's own convert clips at 255: all white);
+    - I (32-bit int): taken to hold 16-bit values, as Pillow gives this mode to 16-bit grey PNGs (PNG stores
+      at most 16 bits); values outside 0..65535 (a 32-bit TIFF under a photo's name) are clipped;
+    - F (32-bit float, TIFF): 0..1 when no value exceeds 1, else 0..255 like Pillow's own L <-> F;
+    - RGBA, LA, PA, and P, L or RGB with a transparent colour: composited over white;
+    - 16-bit RGB(A) PNGs: Pillow already keeps the high byte; L, 1, P, CMYK, YCbCr: Pillow's convert."""
+    with open_image(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-            im = im.convert("RGBA")
-            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(white, im)
-        return im.convert("RGB")  # also L, CMYK, I;16 ...
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode != "F" else 1.0 if a.max() <= 1 else 255.0
+        im = Image.fromarray(np.round(np.clip(a / top, 0, 1) * 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return im.convert("RGB")
 
 def load_folder(folder, min_images=2):
-    """-> list of dicts {path, photo (upright RGB PIL image), mask_photo (L PIL image) or None}.
+    """-> list of Photo with path, photo and mask_photo set (the rest is set by crop and train.py).
     Every unusable file is named in one message; too few photos stop the run."""
-    items, bad = [], []
-    for path in list_images(folder):
+    photos, bad = [], []
+    for path, mp in list_images(folder):
         try:
             im = read_rgb(path)
         except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -57,25 +109,34 @@ def load_folder(folder, min_images=2):
         if min(im.size) < 64:
             bad.append(f"  {path}: only {im.size[0]}x{im.size[1]} pixels")
             continue
-        item = dict(path=path, photo=im, mask_photo=None)
-        mask_path = os.path.splitext(path)[0] + MASK_SUFFIX
-        if os.path.exists(mask_path):
+        p = Photo(path, im)
+        if mp is not None:
             try:
-                m = read_rgb(mask_path)
+                m = read_rgb(mp)
             except (UnidentifiedImageError, OSError, ValueError) as e:
-                bad.append(f"  {mask_path}: {e}")
+                bad.append(f"  {mp}: {e}")
                 continue
             if m.size != im.size:
-                bad.append(f"  {mask_path}: {m.size[0]}x{m.size[1]}, but its photo is {im.size[0]}x{im.size[1]}")
+                w, h = im.size
+                problem = f"{m.size[0]}x{m.size[1]}, but its photo is {w}x{h}"
+                if m.size == (h, w):  # perhaps drawn on the photo as stored, before its EXIF rotation
+                    with open_image(path) as raw:
+                        turned = raw.getexif().get(ExifTags.Base.Orientation)
+                    if turned in (5, 6, 7, 8):  # the tag values that swap width and height
+                        problem = (f"{h}x{w}, the size of {os.path.basename(path)} as stored, but its EXIF "
+                                   f"orientation tag ({turned}) turns that photo to {w}x{h} upright. The mask must "
+                                   "match the upright photo: rotate the mask the same way, or save the photo "
+                                   "upright (without the tag)")
+                bad.append(f"  {mp}: {problem}")
                 continue
-            item["mask_photo"] = m.convert("L")
-        items.append(item)
+            p.mask_photo = m.convert("L")
+        photos.append(p)
     if bad:
         raise SystemExit("these files cannot be used; fix or remove them and run again:\n" + "\n".join(bad))
-    if len(items) < min_images:
-        raise SystemExit(f"{folder} has {len(items)} usable photo(s); MagiCapture needs at least {min_images} "
+    if len(photos) < min_images:
+        raise SystemExit(f"{folder} has {len(photos)} usable photo(s); MagiCapture needs at least {min_images} "
                          "(the paper uses 4-6 per concept)")
-    return items
+    return photos
 
 def square_around(size, box=None, margin=1.0):
     """(left, top, side) of the crop: the largest centred square, or, given a face box, a square of
@@ -90,24 +151,46 @@ def square_around(size, box=None, margin=1.0):
     top = int(round(min(max((y1 + y2) / 2 - side / 2, 0), h - side)))
     return left, top, side
 
-def crop(item, square, resolution):
-    """Cut the square from the photo (and its mask) and resize: sets item["image"] (3, R, R) in [-1, 1]
-    and item["mask"] (1, R, R) in [0, 1] or None; item["square"] remembers the crop."""
+def crop(photo, square, resolution):
+    """Cut the square from the photo (and its mask) and resize: sets photo.image (3, R, R) in [-1, 1]
+    and photo.mask (1, R, R) in [0, 1] or None; photo.square remembers the crop."""
     left, top, side = square
     box = (left, top, left + side, top + side)
-    item["image"] = to_tensor(item["photo"].crop(box).resize((resolution, resolution), Image.LANCZOS)) * 2 - 1
-    m = item["mask_photo"]
-    item["mask"] = None if m is None else to_tensor(m.crop(box).resize((resolution, resolution), Image.BILINEAR))
-    item["square"] = square
+    photo.image = to_tensor(photo.photo.crop(box).resize((resolution, resolution), Image.LANCZOS)) * 2 - 1
+    m = photo.mask_photo
+    photo.mask = None if m is None else to_tensor(m.crop(box).resize((resolution, resolution), Image.BILINEAR))
+    photo.square = square
+
+def check_masks(photos, min_fraction):
+    """Stop if a mask (photo.mask, at training resolution, after the crop) marks as face under min_fraction or
+    over 1 - min_fraction of its photo, naming each. A source with an empty mask never learns the person (loss_s,
+    eq. 4, is 0); a reference whose mask is all face has nothing left for the style (loss_r and loss_c, eq. 5-6,
+    are 0). train.py's min_mask_fraction = 0.005 is about 20 latent pixels of a 64x64 latent (SD1.5 at 512 px):
+    fewer make the masked mean of eq. 4-6 an average over a handful of pixels. 0 turns the check off."""
+    bad = []
+    for p in photos:
+        face = p.mask.mean().item()
+        if face < min_fraction or face > 1 - min_fraction:
+            what = mask_path(p.path) if p.mask_photo is not None else f"the automatic face-parser mask of {p.path}"
+            bad.append(f"  {what}: {face:.1%} face")
+    if bad:
+        raise SystemExit(
+            f"these masks cover almost none or almost all of their photo (face under {min_fraction:.1%} or over "
+            f"{1 - min_fraction:.1%} of the crop):\n" + "\n".join(bad) + "\n"
+            "A source needs face pixels to learn the person from, a reference needs pixels outside the face to "
+            "learn the style from. Fix a <name>_mask.png by painting the face white and the rest black (or delete "
+            "it to use the face parser); for a parser mask, use a photo where the face is clearly visible and does "
+            "not fill the whole crop (or change face_margin), or draw a <name>_mask.png yourself. "
+            "min_mask_fraction sets the limit.")
 
 def to_tensor(im):
     """PIL image -> float tensor (C, H, W) in [0, 1]."""
     a = np.asarray(im, dtype=np.float32) / 255.0
     return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
 
-def save_overlay(item, mask, path):
+def save_overlay(photo, mask, path):
     """The photo with its mask tinted red, so a user can check what counts as the face."""
-    img = (item["image"] + 1) / 2
+    img = (photo.image + 1) / 2
     red = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
     save_png(img * (1 - 0.5 * mask) + red * 0.5 * mask, path)
 
@@ -155,12 +238,37 @@ def draw_face(draw, box, skin, eye):
         draw.ellipse((cx - 0.08 * w, y0 + 0.32 * h, cx + 0.08 * w, y0 + 0.45 * h), fill=eye)
     draw.arc((x0 + 0.3 * w, y0 + 0.5 * h, x0 + 0.7 * w, y0 + 0.8 * h), 20, 160, fill=(120, 30, 30), width=max(1, w // 20))
 
+def drawn_files(folder):
+    """The files make_synthetic drew into folder before (listed in its marker file); stops if the folder holds
+    anything else, so a user's photos are never drawn over. Hidden files (.DS_Store) are neither."""
+    if not os.path.exists(folder):
+        return []
+    marker, drawn = os.path.join(folder, SYNTHETIC_MARKER), []
+    if os.path.exists(marker):
+        with open(marker) as f:
+            drawn = f.read().split()
+    other = sorted(n for n in os.listdir(folder) if not n.startswith(".") and n not in drawn)
+    if other:
+        raise SystemExit(f"synthetic_data would draw faces into {folder}, but it holds other files ("
+                         + ", ".join(other[:3]) + (", ..." if len(other) > 3 else "") + "): point source_dir/"
+                         "reference_dir at a missing or empty folder, or set synthetic_data=False to train on "
+                         "those photos")
+    return drawn
+
 def make_synthetic(source_dir, reference_dir, n=4, size=256, seed=0):
     """Sources: one drawn person (same skin and eyes) on plain backgrounds at varied places.
-    References: another drawn face in a striped, high-contrast 'style'. Masks alongside."""
+    References: another drawn face in a striped, high-contrast 'style'. Masks alongside.
+    Draws only into a missing or empty folder, or over a set it drew before (same seed: the same images)."""
+    old_source, old_reference = drawn_files(source_dir), drawn_files(reference_dir)  # both checked first
     rng = np.random.default_rng(seed)
-    for folder, styled in ((source_dir, False), (reference_dir, True)):
+    for folder, styled, old in ((source_dir, False, old_source), (reference_dir, True, old_reference)):
         os.makedirs(folder, exist_ok=True)
+        names = [f"{i:02d}{end}" for i in range(n) for end in (".png", MASK_SUFFIX)]
+        for stale in [os.path.join(folder, name) for name in set(old) - set(names)]:  # left from a larger n
+            if os.path.exists(stale):
+                os.remove(stale)
+        with open(os.path.join(folder, SYNTHETIC_MARKER), "w") as f:  # first: a run cut short leaves only listed files
+            f.write("\n".join(names) + "\n")
         for i in range(n):
             im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(60, 200, 3)))
             d = ImageDraw.Draw(im)

@@ -1,16 +1,18 @@
 """
-The face models of MagiCapture (DESIGN.md section 4), run with onnxruntime:
+The face models of MagiCapture, run with onnxruntime:
 
 - detect            SCRFD-style detector (InsightFace det_10g): boxes + 5 landmarks
 - similarity_transform, warp, warp_torch
                     5-point alignment; warp_torch is differentiable, for eq. 7
+- arcface_crop      the aligned 112x112 ArcFace crop of a batch of images, differentiable (eq. 7)
 - face_mask         BiSeNet face parsing inside the detected box: M_s of eq. 4
                     (the reference's non-face mask M_r of eq. 5-6 is 1 - face_mask)
 - embed, csim       ArcFace identity embeddings and the paper's CSIM metric
 - arcface_torch     the same ArcFace run with torch ops, so L_id (eq. 7) has gradients
 
 The .onnx files come from the Hub repo facefusion/models-3.0.0 through
-huggingface_hub's cache (checked against their .hash files), or from a local path.
+huggingface_hub's cache (checked against their .hash files), or from a local path;
+model_path raises MissingModel, saying how to fetch the file, when neither is there.
 Licences: the InsightFace models (detector, ArcFace) are for non-commercial
 research only; BiSeNet (yakhyo/face-parsing) is MIT.
 """
@@ -24,8 +26,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
 import onnx_torch
 
@@ -51,20 +53,44 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 _verified = set()  # paths whose CRC32 matched their .hash in this process (a 170 MB file takes a moment)
 
 
+class MissingModel(RuntimeError):
+    """A face model is neither a given local file nor in the Hugging Face cache, and cannot be downloaded."""
+
+
+def hub_file(name):
+    """Local path of HUB_REPO/name: the cached copy without asking the Hub (the repo is a fixed release,
+    so a cached file is never stale), else a download. Raises OSError saying why the file cannot be had."""
+    path = try_to_load_from_cache(HUB_REPO, name)
+    if isinstance(path, str):  # None: not cached; another value: cached as absent from the repo
+        return path
+    if hf_constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE=1")
+    # one HEAD first, which huggingface_hub does not retry: when the file is not cached, hf_hub_download
+    # retries an unreachable Hub 5 times (about 25 s)
+    try:
+        get_hf_file_metadata(hf_hub_url(HUB_REPO, name))
+    except Exception as e:  # the HTTP library, and so its errors, differ between huggingface_hub versions
+        first_line = str(e).partition("\n")[0]
+        raise OSError(f"{type(e).__name__}: {first_line}") from None
+    return hf_hub_download(HUB_REPO, name)
+
+
 def model_path(kind, model=None):
-    """Local path of the .onnx for `kind` (a key of FILES): `model` if given, else the Hub copy."""
+    """Local path of the .onnx for `kind` (a key of FILES): `model` if given, else the Hub copy.
+    Raises MissingModel when the Hub copy is neither cached nor downloadable."""
     if model is not None:
         if not os.path.isfile(model):
             raise FileNotFoundError(f"{kind} model file not found: {model}")
         return model
     name = FILES[kind]
     try:
-        path = hf_hub_download(HUB_REPO, name)
-    except LocalEntryNotFoundError as e:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
-        raise RuntimeError(
-            f"{name} ({kind} model) is not in the Hugging Face cache and the Hub repo {HUB_REPO} cannot be reached. "
-            f"On a machine with network run `hf download {HUB_REPO} {name} --local-dir DIR`, copy DIR/{name} here "
-            f"and pass its path as the {kind} model.") from e
+        path = hub_file(name)
+    except OSError as e:
+        raise MissingModel(
+            f"{name} (the {kind} model) is not in the Hugging Face cache and cannot be downloaded from the Hub "
+            f"repo {HUB_REPO} ({e}). Fetch it where there is network with `hf download {HUB_REPO} {name} "
+            f"--local-dir DIR` (copy DIR here if that is another machine) and pass "
+            f"--{kind}_model=DIR/{name}.") from None
     if path not in _verified:
         check_hash(path, os.path.splitext(name)[0] + ".hash")
         _verified.add(path)
@@ -72,10 +98,11 @@ def model_path(kind, model=None):
 
 
 def check_hash(path, hash_name):
-    """Compare the file's CRC32 with the repo's `hash_name` (8 hex digits); skip if the repo has none."""
+    """Compare the file's CRC32 with the repo's `hash_name` (8 hex digits); skip if it cannot be had
+    (a mirror without .hash files, or offline with only the model cached)."""
     try:
-        hash_path = hf_hub_download(HUB_REPO, hash_name)
-    except EntryNotFoundError:  # a mirror without .hash files, or offline with only the model cached
+        hash_path = hub_file(hash_name)
+    except OSError:
         return
     with open(hash_path) as f:
         expected = f.read().strip().lower()
@@ -236,6 +263,14 @@ def warp_torch(images, matrices, size):
     theta = (image_to_norm @ crop_to_image @ crop_from_norm)[:, :2]  # (B, 2, 3)
     grid = F.affine_grid(theta, (B, C, size, size), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def arcface_crop(images, landmarks):
+    """(B, 3, H, W) float images in [-1, 1] and B (5, 2) landmark arrays (image pixels) -> (B, 3, 112, 112)
+    ArcFace inputs: each face aligned to ARCFACE_TEMPLATE, differentiable in the pixels (for eq. 7).
+    Outside the image the crop is -1, black, as embed()'s crops (cv2's border 0 on uint8)."""
+    matrices = np.stack([similarity_transform(lm, ARCFACE_TEMPLATE) for lm in landmarks])  # (B, 2, 3)
+    return warp_torch(images + 1, matrices, ARCFACE_SIZE) - 1  # grid_sample pads 0: shift black to 0 and back
 
 # -----------------------------------------------------------------------------
 # face parsing

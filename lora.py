@@ -5,8 +5,11 @@ inject() turns chosen nn.Linear layers into LoRALinear in place. The base
 weight and bias keep their parameter paths (`to_q.weight`, `to_q.bias`), so a
 checkpoint still loads strictly; the update adds `to_q.lora_A.weight`
 (rank x in) and `to_q.lora_B.weight` (out x rank), the names PEFT and
-diffusers use. Files: the diffusers/PEFT format and the kohya format read by
-AUTOMATIC1111 and ComfyUI (DESIGN.md section 5).
+diffusers use.
+
+A training run's outputs (save_result / load_result) are three files in one folder: the learned
+token embeddings, the LoRA in the diffusers/PEFT format, and the same LoRA in the kohya format read
+by AUTOMATIC1111 and ComfyUI. A run that trained no LoRA (phase 2 of 0 steps) has only the first.
 """
 
 import os
@@ -19,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 EMBEDS_FILE = "learned_embeds.safetensors"  # {token: vector}, diffusers' load_textual_inversion format
+KOHYA_FILE = "lora_kohya.safetensors"  # the kohya format, for AUTOMATIC1111 and ComfyUI
 
 # Targets, as regexes matched with re.fullmatch against the full module name.
 # The paper: "the projection layers of the cross-attention modules".
@@ -32,16 +36,20 @@ OFFICIAL_TEXT_ENCODER = (r".*self_attn\.(q_proj|k_proj|v_proj|out_proj)",)
 class LoRALinear(nn.Linear):
     """nn.Linear plus a low-rank update: y = x W^T + b + scale * (alpha/rank) * x A^T B^T."""
 
-    def __init__(self, base, rank, alpha):
+    def __init__(self, base, rank, alpha, generator=None):
         # skip nn.Linear.__init__: reuse the base's Parameter objects instead of allocating new ones
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
+        # lora_A is V^T in the paper, kohya's lora_down; lora_B is U, kohya's lora_up. skip_init: no
+        # default init, which would draw from the global RNG; both are set just below
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, rank, **kw)  # V^T in the paper, kohya's lora_down
-        self.lora_B = nn.Linear(rank, base.out_features, **kw)  # U in the paper, kohya's lora_up
-        # official code (cloneofsimo/lora): down ~ N(0, std 1/r), up = 0, so training starts at W
-        nn.init.normal_(self.lora_A.weight, std=1 / rank)
+        self.lora_A = nn.utils.skip_init(nn.Linear, base.in_features, rank, **kw)
+        self.lora_B = nn.utils.skip_init(nn.Linear, rank, base.out_features, **kw)
+        # official code (cloneofsimo/lora): down ~ N(0, std 1/r), up = 0, so training starts at W.
+        # Drawn on the CPU in float32, then copied: a CPU generator gives the same init on any device.
+        with torch.no_grad():
+            self.lora_A.weight.copy_(torch.empty(self.lora_A.weight.shape).normal_(0, 1 / rank, generator=generator))
         nn.init.zeros_(self.lora_B.weight)
         self.rank, self.alpha = rank, alpha
         self.scale = 1.0  # inference knob (official inference: 0.6 UNet, 0.9 text encoder)
@@ -73,10 +81,11 @@ def lora_parameters(model):
     return [p for _, m in lora_modules(model) for p in (m.lora_A.weight, m.lora_B.weight)]
 
 
-def inject(model, patterns, rank=4, alpha=None):
+def inject(model, patterns, rank=4, alpha=None, generator=None):
     """Add LoRA to every nn.Linear whose full name re.fullmatch-es one of the patterns; return the names.
 
-    alpha=None means alpha = rank (scaling 1), as in the official code.
+    alpha=None means alpha = rank (scaling 1), as in the official code. lora_A's random init is drawn
+    from `generator` (a CPU torch.Generator), or from the global RNG when it is None.
     """
     alpha = rank if alpha is None else alpha
     lora_names = {n for n, _ in lora_modules(model)}
@@ -92,7 +101,7 @@ def inject(model, patterns, rank=4, alpha=None):
     if not names:
         raise ValueError(f"no nn.Linear in {type(model).__name__} matches any of {list(patterns)}")
     for name in names:  # replace after the walk: named_modules must not see a changing tree
-        model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha))
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha, generator))
     return names
 
 
@@ -100,26 +109,18 @@ def set_scale(model, scale):
     """Set the runtime LoRA scale of every LoRALinear in the model (0 = base model)."""
     for name, m in lora_modules(model):
         if m.merged:
-            raise RuntimeError(f"{name} is merged: unmerge before changing the scale")
+            raise RuntimeError(f"{name} is merged into its base weight: set the scale before merge()")
         m.scale = scale
 
 
 @torch.no_grad()
 def merge(model):
-    """Fold each LoRA update into its base weight, so inference costs nothing extra."""
+    """Fold each LoRA update, at its current scale, into its base weight, so inference costs nothing
+    extra. One way: the scale is fixed from then on (sample.py merges once the result is loaded)."""
     for _, m in lora_modules(model):
         if not m.merged:
-            m.weight += m.delta().to(m.weight.dtype)
+            m.weight.copy_(m.weight.float() + m.delta())  # summed in float32: one rounding to the base dtype
             m.merged = True
-
-
-@torch.no_grad()
-def unmerge(model):
-    """Take the folded LoRA update back out of the base weights (inverse of merge)."""
-    for _, m in lora_modules(model):
-        if m.merged:
-            m.weight -= m.delta().to(m.weight.dtype)
-            m.merged = False
 
 
 def lora_state_dict(model, prefix):
@@ -164,7 +165,8 @@ def load_lora_file(unet, text_encoder, path, scale=1.0):
             raise ValueError(f"{path}: {key} has no matching lora_B")
         m = model.get_submodule(name)
         if not isinstance(m, LoRALinear):
-            inject(model, [re.escape(name)], rank=a.shape[0])
+            # its own generator: the random init is overwritten below, and the global RNG stays untouched
+            inject(model, [re.escape(name)], rank=a.shape[0], generator=torch.Generator())
             m = model.get_submodule(name)
         if m.lora_A.weight.shape != a.shape or m.lora_B.weight.shape != b.shape:
             raise ValueError(
@@ -203,16 +205,54 @@ def export_kohya(unet, text_encoder, path, metadata=None):
     save_file(sd, path, metadata=header)
 
 
-def load(sd, out_dir, scale=1.0, text_scale=None):
-    """Apply a training run's outputs to a StableDiffusion: LoRA weights and learned token embeddings.
+def save_result(out_dir, unet, text_encoder, embeds, metadata):
+    """Write a training run's outputs into out_dir: EMBEDS_FILE, and LORA_FILE and KOHYA_FILE when the
+    models have LoRA. text_encoder: None when it has no LoRA; embeds: {token: 1-D tensor}; metadata:
+    {str: str}, written into every file's header. Mirrors load_result."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_file({tok: v.detach().cpu().contiguous() for tok, v in embeds.items()},
+              os.path.join(out_dir, EMBEDS_FILE), metadata=metadata)
+    models = [unet] + ([text_encoder] if text_encoder is not None else [])
+    modules = [m for model in models for _, m in lora_modules(model)]
+    if not modules:  # an embeddings-only run: no LoRA file from an earlier run in this folder may remain
+        for name in (LORA_FILE, KOHYA_FILE):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+        return
+    save_lora_file(unet, text_encoder, os.path.join(out_dir, LORA_FILE), metadata=metadata)
+    # kohya's header carries one rank and alpha for the network: the first module's (the per-module
+    # alpha is in the file's tensors)
+    kohya = dict(metadata, network_dim=str(modules[0].rank), network_alpha=str(modules[0].alpha))
+    export_kohya(unet, text_encoder, os.path.join(out_dir, KOHYA_FILE), metadata=kohya)
 
-    Reads out_dir/LORA_FILE and out_dir/EMBEDS_FILE; returns the added tokens. text_scale, if given, is
-    the text encoder LoRA's own scale (official inference: 0.6 UNet, 0.9 text encoder).
+
+def load_result(sd, path, scale=1.0, text_scale=None):
+    """Apply a training run's outputs to a StableDiffusion: its learned token embeddings, and its LoRA
+    if it has one; returns the added tokens. Mirrors save_result.
+
+    path: the run's folder, or its LORA_FILE or EMBEDS_FILE (the other is found beside it). scale: the
+    LoRA's strength; text_scale, if given, the text encoder LoRA's own (official inference: 0.6 UNet,
+    0.9 text encoder).
     """
-    load_lora_file(sd.unet, sd.text_encoder, os.path.join(out_dir, LORA_FILE), scale)
-    if text_scale is not None:
-        set_scale(sd.text_encoder, text_scale)
-    embeds = load_file(os.path.join(out_dir, EMBEDS_FILE))
+    if os.path.isdir(path):
+        folder = path
+    elif os.path.basename(path) in (LORA_FILE, EMBEDS_FILE) and os.path.isfile(path):
+        folder = os.path.dirname(path)
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such folder or file; expected a training run's folder (train.py's "
+                                f"out_dir) or its {EMBEDS_FILE} or {LORA_FILE}")
+    else:
+        raise ValueError(f"{path} is not a training result; expected a training run's folder (train.py's "
+                         f"out_dir) or its {EMBEDS_FILE} or {LORA_FILE}")
+    embeds_path, lora_path = os.path.join(folder, EMBEDS_FILE), os.path.join(folder, LORA_FILE)
+    if not os.path.isfile(embeds_path):
+        raise FileNotFoundError(f"{folder or '.'} has no {EMBEDS_FILE}: not a training run's folder "
+                                f"(train.py writes it into out_dir at the end of a run)")
+    if os.path.isfile(lora_path):  # absent when the run trained no LoRA
+        load_lora_file(sd.unet, sd.text_encoder, lora_path, scale)
+        if text_scale is not None:
+            set_scale(sd.text_encoder, text_scale)
+    embeds = load_file(embeds_path)
     tokens = list(embeds)
     ids = sd.tokenizer.add_tokens(tokens)
     if max(ids) >= sd.text_encoder.text_model.embeddings.token_embedding.num_embeddings:

@@ -25,17 +25,9 @@ def masked_mse(pred, target, mask):
     return per_sample.mean()
 
 
-def predict_x0(z_t, eps, alphas_cumprod_t):
-    """Eq. 7's z0_hat (Tweedie): z0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t).
-
-    alphas_cumprod_t: (B,), abar at each sample's timestep.
-    """
-    abar = alphas_cumprod_t.reshape(-1, *[1] * (z_t.dim() - 1)).to(z_t.dtype)
-    return (z_t - (1 - abar).sqrt() * eps) / abar.sqrt()
-
-
 def identity_loss(emb, emb_ref):
-    """Eq. 7: L_id = 1 - cos(R(B(x0_hat)), R(B(I_s))), averaged over the batch.
+    """Eq. 7: L_id = 1 - cos(R(B(x0_hat)), R(B(I_s))), averaged over the batch (x0_hat: model.py's
+    Schedule.predict_x0).
 
     emb, emb_ref: (B, D) face embeddings (ArcFace), not necessarily normalised.
     Same value as the official torch CosineEmbeddingLoss with target 1.

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# the one table from the --dtype setting's names (sample.py, train.py, bench.py) to torch dtypes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # -----------------------------------------------------------------------------
 # configs: SD1.5 defaults, filled from each part's config.json
@@ -176,10 +178,7 @@ class CLIPTokenizer:
         tok.post_processor = processors.TemplateProcessing(
             single="<|startoftext|> $A <|endoftext|>",
             special_tokens=[("<|startoftext|>", self.bos_id), ("<|endoftext|>", self.eos_id)])
-        # truncation keeps BOS and EOS: BOS + 75 tokens + EOS
-        tok.enable_truncation(max_length)
-        tok.enable_padding(length=max_length, pad_id=self.pad_id, pad_token=pad_token)
-        self.tok = tok
+        self.tok = tok  # encodes whole prompts; __call__ truncates and pads, check_length reports what it drops
         self.added = []  # placeholder tokens added after loading, e.g. ["<v1>", "<v2>"]
 
     @classmethod
@@ -228,7 +227,30 @@ class CLIPTokenizer:
 
     def __call__(self, prompts):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        return torch.tensor([e.ids for e in self.tok.encode_batch(prompts)], dtype=torch.long)
+        rows = []
+        for e in self.tok.encode_batch(prompts):
+            ids = e.ids if len(e.ids) <= self.max_length else e.ids[:self.max_length - 1] + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))  # truncation keeps BOS and EOS
+        return torch.tensor(rows, dtype=torch.long)
+
+    def check_length(self, prompts):
+        """Warn about each prompt longer than max_length tokens (BOS + 75 + EOS), with what truncation drops;
+        a placeholder token among the dropped ones is an error: its embedding would never be read, and its
+        attention maps would be blank."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        for prompt, e in zip(prompts, self.tok.encode_batch(prompts)):
+            if len(e.ids) <= self.max_length:
+                continue
+            first = self.max_length - 1  # index of the first dropped token: BOS and 75 tokens are kept
+            dropped = e.ids[first:-1]  # the final EOS is kept
+            lost = [t for t in self.added if self.tok.token_to_id(t) in dropped]
+            if lost:
+                raise ValueError(f"prompt {prompt!r} is {len(e.ids)} tokens; CLIP reads {self.max_length}, so "
+                                 f"placeholder {lost[0]!r} falls in the dropped tail. Shorten the prompt or move "
+                                 f"{lost[0]!r} nearer the start.")
+            text = prompt[e.offsets[first][0]:]  # offsets index the prompt as given
+            print(f"warning: prompt {prompt!r} is {len(e.ids)} tokens; CLIP reads {self.max_length}, so "
+                  f"{len(dropped)} tokens are dropped: {text!r}")
 
 # -----------------------------------------------------------------------------
 # CLIP text encoder (transformers' CLIPTextModel)
@@ -675,6 +697,14 @@ class Schedule:
         a = self.abar(t, x0)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+    def predict_x0(self, z_t, eps, t):
+        """Eq. 7's z0_hat, Tweedie's estimate of the clean latent: z0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+        add_noise solved for x0. t: one timestep (int) or (B,) timesteps, one per sample. Computed in float32
+        or wider (in bf16, abar_t itself would be off by up to 0.4%) and returned in z_t's dtype."""
+        a = self.alphas_cumprod.to(z_t.device, torch.promote_types(z_t.dtype, torch.float32))[t]
+        a = a.view(-1, *[1] * (z_t.dim() - 1))  # (B or 1, 1, 1, 1)
+        return ((z_t - (1 - a).sqrt() * eps) / a.sqrt()).to(z_t.dtype)
+
     def ddim_timesteps(self, steps):
         """'leading' spacing + steps_offset: for 50 steps, 981, 961, ..., 1."""
         ratio = self.config.num_train_timesteps // steps
@@ -684,7 +714,7 @@ class Schedule:
         """One DDIM update x_t -> x_{t_prev} (Song et al. 2021, eq. 12)."""
         a = self.alphas_cumprod[t].item()
         a_prev = self.alphas_cumprod[t_prev].item() if t_prev >= 0 else self.final_alpha
-        x0 = (x - (1 - a) ** 0.5 * eps) / a ** 0.5
+        x0 = self.predict_x0(x, eps, t)
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
         if sigma > 0:
@@ -706,11 +736,14 @@ class Schedule:
 
     def euler_ancestral_step(self, x, eps, sigma, sigma_next, generator=None):
         """One Euler ancestral step in sigma space (Karras et al. 2022; k-diffusion): an Euler step down to
-        sigma_down, then fresh noise of sigma_up, where sigma_down^2 + sigma_up^2 = sigma_next^2."""
-        x0 = x - sigma * eps
+        sigma_down, then fresh noise of sigma_up, where sigma_down^2 + sigma_up^2 = sigma_next^2.
+
+        Here x = z_t / sqrt(abar) and sigma = sqrt((1 - abar) / abar), so predict_x0's estimate reads
+        x0 = x - sigma eps, and the slope of the probability-flow ODE, dx/dsigma = (x - x0) / sigma, is eps
+        itself: the step needs no x0."""
         up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
         down = (sigma_next ** 2 - up ** 2) ** 0.5
-        x = x + (x - x0) / sigma * (down - sigma)
+        x = x + eps * (down - sigma)
         if up > 0:
             x = x + up * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x
@@ -879,15 +912,18 @@ class StableDiffusion(nn.Module):
 
     @classmethod
     def tiny(cls, seed=0):
-        """A small random pipeline with SD1.5's architecture (4 levels, 8x VAE) and a vocabulary built here."""
-        torch.manual_seed(seed)
+        """A small random pipeline with SD1.5's architecture (4 levels, 8x VAE) and a vocabulary built here.
+        The same seed gives the same weights; the caller's global random state is left as it was."""
         tokenizer = tiny_tokenizer()
-        text = CLIPTextModel(TextConfig(vocab_size=len(tokenizer.vocab), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=2, projection_dim=32))
-        vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
-                                      sample_size=128))
-        unet = UNet(UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=2,
-                               cross_attention_dim=32, norm_num_groups=8, sample_size=16))
+        # nn.Module initialisers draw from the global generator: seed a forked copy of it (CPU only)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            text = CLIPTextModel(TextConfig(vocab_size=len(tokenizer.vocab), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, projection_dim=32))
+            vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+                                          norm_num_groups=8, sample_size=128))
+            unet = UNet(UNetConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, attention_head_dim=2,
+                                   cross_attention_dim=32, norm_num_groups=8, sample_size=16))
         return cls(tokenizer, text.eval().requires_grad_(False), vae.eval().requires_grad_(False),
                    unet.eval().requires_grad_(False), Schedule(ScheduleConfig()))
 
@@ -908,8 +944,6 @@ class StableDiffusion(nn.Module):
                height=512, width=512, progress=False, sampler="ddim"):
         """Classifier-free guided sampling -> images (B, 3, H, W) in [0, 1]. sampler: "ddim" (eta: its
         noise) or "euler_a" (Euler ancestral, the official MagiCapture inference)."""
-        if sampler not in ("ddim", "euler_a"):
-            raise ValueError(f"sampler must be 'ddim' or 'euler_a', got {sampler!r}")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         B = len(prompts)
         if height % 8 or width % 8:
@@ -926,22 +960,28 @@ class StableDiffusion(nn.Module):
             eps_uncond, eps_text = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
             return eps_uncond + guidance * (eps_text - eps_uncond)  # classifier-free guidance
 
+        schedule = self.schedule
         if sampler == "ddim":
-            timesteps = self.schedule.ddim_timesteps(steps)
-            ratio = self.schedule.config.num_train_timesteps // steps
-        else:
-            timesteps, sigmas = self.schedule.euler_sigmas(steps)
+            timesteps = schedule.ddim_timesteps(steps)
+            ratio = schedule.config.num_train_timesteps // steps
+
+            def step(i, t, x):
+                return schedule.ddim_step(x, guided(x, t), t, t - ratio, eta, generator)
+        elif sampler == "euler_a":
+            timesteps, sigmas = schedule.euler_sigmas(steps)
             x = x * sigmas[0]  # start at the largest noise level
+
+            def step(i, t, x):  # the UNet sees x scaled back to unit variance: z_t = x / sqrt(sigma^2 + 1)
+                eps = guided(x / (sigmas[i] ** 2 + 1) ** 0.5, t)
+                return schedule.euler_ancestral_step(x, eps, sigmas[i], sigmas[i + 1], generator)
+        else:
+            raise ValueError(f"sampler must be 'ddim' or 'euler_a', got {sampler!r}")
         bar = timesteps
         if progress:
             from tqdm import tqdm
             bar = tqdm(timesteps, desc=sampler, unit="step")
         for i, t in enumerate(bar):
-            if sampler == "ddim":
-                x = self.schedule.ddim_step(x, guided(x, t), t, t - ratio, eta, generator)
-            else:  # the UNet sees x scaled back to unit variance
-                eps = guided(x / (sigmas[i] ** 2 + 1) ** 0.5, t)
-                x = self.schedule.euler_ancestral_step(x, eps, sigmas[i], sigmas[i + 1], generator)
+            x = step(i, t, x)
         images = self.vae.decode(x / self.vae.config.scaling_factor)
         return (images.float() / 2 + 0.5).clamp(0, 1)
 

@@ -4,11 +4,12 @@ Run an ONNX graph with torch ops, so gradients flow through it.
 The identity loss backpropagates through ArcFace (InsightFace's
 arcface_w600k_r50.onnx, an IResNet-50), and onnxruntime gives no gradients.
 This small executor evaluates the same graph node by node with torch
-functions. It knows only the ops an ArcFace export holds (DESIGN.md section
-4): a TorchScript export at opset 11 has Conv (batch norms after a conv folded
-in), BatchNormalization (those before a conv), PRelu, Add, Identity, Flatten
-and Gemm; an MXNet conversion adds Sub/Mul for normalisation and Reshape. A
-few cheap extras sit beside them. Any other op is refused at load time.
+functions. It knows only the ops an ArcFace export holds: a TorchScript export
+at opset 11 (how InsightFace exports its PyTorch IResNets) has Conv (batch norms
+after a conv folded in), BatchNormalization (those before a conv, and the
+BatchNorm1d after the last linear layer), PRelu, Add, Identity, Flatten and
+Gemm; a model converted from MXNet adds Sub and Mul (input normalisation),
+Reshape and Constant. Any other op is refused at load time, by name.
 """
 
 import math
@@ -22,15 +23,9 @@ from onnx import helper, numpy_helper
 
 
 def conv(a, x, w, b=None):
-    # ONNX pads are (x1_begin, x2_begin, ..., x1_end, x2_end, ...), for the spatial dims only
-    k = w.dim() - 2
-    pads = a.get("pads", [0] * 2 * k)
-    begin, end = pads[:k], pads[k:]
-    if begin != end:  # asymmetric: pad first (F.pad lists the last dim first), then convolve unpadded
-        x = F.pad(x, [p for i in reversed(range(k)) for p in (begin[i], end[i])])
-        begin = [0] * k
-    fn = (F.conv1d, F.conv2d, F.conv3d)[k - 1]
-    return fn(x, w, b, a.get("strides", [1] * k), begin, a.get("dilations", [1] * k), a.get("group", 1))
+    # 2-D with symmetric pads only (GraphModule refuses other Convs): ONNX pads are (top, left, bottom, right)
+    pads = a.get("pads", [0, 0, 0, 0])
+    return F.conv2d(x, w, b, a.get("strides", [1, 1]), pads[:2], a.get("dilations", [1, 1]), a.get("group", 1))
 
 
 def gemm(a, A, B, C=None):
@@ -42,57 +37,46 @@ def gemm(a, A, B, C=None):
 
 
 def reshape(a, x, shape):
-    # 0 copies the input's dim at that position (unless allowzero), -1 is inferred
-    shape = shape.tolist()
-    if not a.get("allowzero", 0):
-        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-    return x.reshape(shape)
-
-
-def div(a, x, y):
-    # integer Div truncates in ONNX; torch's / would give floats
-    if x.is_floating_point():
-        return x / y
-    return torch.div(x, y, rounding_mode="trunc")
+    # a 0 copies the input's dim at that position, -1 is inferred (opset 11 has no allowzero)
+    return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape.tolist())])
 
 
 # op name -> fn(attributes, *inputs) -> output. Missing optional inputs arrive as None.
 OPS = {
-    # what an ArcFace export holds (TorchScript opset 11, or converted from MXNet)
+    # TorchScript export, opset 11
     "Conv": conv,
     "BatchNormalization": lambda a, x, scale, b, mean, var: F.batch_norm(
         x, mean, var, scale, b, training=False, eps=a.get("epsilon", 1e-5)),
     # slope broadcasts numpy-style against x, as onnxruntime does: exports store it as (C, 1, 1)
     "PRelu": lambda a, x, slope: torch.where(x >= 0, x, x * slope),
     "Add": lambda a, x, y: x + y,
-    "Sub": lambda a, x, y: x - y,
-    "Mul": lambda a, x, y: x * y,
     "Identity": lambda a, x: x,
     "Flatten": lambda a, x: x.reshape(math.prod(x.shape[:a.get("axis", 1)]), -1),
     "Gemm": gemm,
+    # converted from MXNet: (x - 127.5) * 0.0078125 on raw pixels, Reshape(0, -1) before the last Gemm
+    "Sub": lambda a, x, y: x - y,
+    "Mul": lambda a, x, y: x * y,
     "Reshape": reshape,
-    # cheap extras
-    "Relu": lambda a, x: F.relu(x),
-    "Sigmoid": lambda a, x: torch.sigmoid(x),
-    "Div": div,
-    "MatMul": lambda a, x, y: x @ y,
-    "Transpose": lambda a, x: x.permute(a.get("perm", list(reversed(range(x.dim()))))),
-    "Concat": lambda a, *xs: torch.cat(xs, dim=a["axis"]),
-    "GlobalAveragePool": lambda a, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
-    "Dropout": lambda a, x, *rest: x,  # inference: identity (the optional mask output is not produced)
     # Constant is folded into a stored tensor at load time and never runs
 }
 
 
-def constant_value(node):
-    """The tensor a Constant node holds: a `value` tensor, or (opset 12+) value_float(s)/value_int(s)."""
-    attr = node.attribute[0]
-    v = helper.get_attribute_value(attr)
-    if attr.type == onnx.AttributeProto.TENSOR:
-        return torch.from_numpy(numpy_helper.to_array(v).copy())
-    if attr.name in ("value_float", "value_floats", "value_int", "value_ints"):
-        return torch.tensor(v)  # float32 or int64, as ONNX says
-    raise NotImplementedError(f"Constant node {node.name}: attribute {attr.name} is not supported")
+def unsupported(node):
+    """Why GraphModule cannot run `node`, or None if it can."""
+    name = node.name or node.output[0]
+    if node.op_type == "Constant":  # opset 11 holds a `value` tensor; value_float(s)/value_int(s) came in opset 12
+        attr = node.attribute[0].name
+        return None if attr == "value" else f"ONNX Constant (node {name}) with {attr} is not supported, only value"
+    if node.op_type not in OPS:
+        return f"ONNX op {node.op_type} (node {name}) is not supported"
+    if node.op_type == "Conv":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        auto_pad, pads = attrs.get("auto_pad", b"NOTSET"), attrs.get("pads", [0, 0, 0, 0])
+        if auto_pad not in (b"", b"NOTSET"):
+            return f"ONNX Conv (node {name}): auto_pad {auto_pad.decode()} is not supported, only explicit pads"
+        if len(pads) != 4 or pads[:2] != pads[2:]:
+            return f"ONNX Conv (node {name}): pads {pads} are not supported, only a 2-D Conv with symmetric pads"
+    return None
 
 
 class GraphModule(nn.Module):
@@ -102,15 +86,11 @@ class GraphModule(nn.Module):
         super().__init__()
         graph = onnx.load(path).graph
         # refuse the whole file up front, naming every op we cannot run
-        problems = {}
-        for i, node in enumerate(graph.node):
-            name = node.name or f"#{i}"
-            if node.op_type not in OPS and node.op_type != "Constant":
-                problems.setdefault(node.op_type, f"ONNX op {node.op_type} (node {name}) is not supported")
-            for a in node.attribute:
-                if a.name == "auto_pad" and a.s not in (b"", b"NOTSET"):
-                    problems.setdefault("auto_pad", f"ONNX op {node.op_type} (node {name}): "
-                                        f"auto_pad {a.s.decode()} is not supported, only explicit pads")
+        problems = {}  # op type -> the first of its nodes we cannot run
+        for node in graph.node:
+            why = unsupported(node)
+            if why:
+                problems.setdefault(node.op_type, why)
         if problems:
             raise NotImplementedError(f"{path}: " + "; ".join(problems.values())
                                       + f". onnx_torch runs only: {', '.join(sorted(OPS))}, Constant")
@@ -119,7 +99,8 @@ class GraphModule(nn.Module):
         # float ones are Parameters (requires_grad=False), integer ones (shapes) buffers
         self.stored = {}  # ONNX value name -> attribute name on this module
         tensors = [(t.name, torch.from_numpy(numpy_helper.to_array(t).copy())) for t in graph.initializer]
-        tensors += [(n.output[0], constant_value(n)) for n in graph.node if n.op_type == "Constant"]
+        tensors += [(n.output[0], torch.from_numpy(numpy_helper.to_array(n.attribute[0].t).copy()))
+                    for n in graph.node if n.op_type == "Constant"]
         for onnx_name, t in tensors:
             attr = re.sub(r"\W", "_", onnx_name)  # "onnx::Conv_23" -> "onnx__Conv_23"
             while hasattr(self, attr) or attr in self.stored.values():

@@ -22,6 +22,21 @@ import numpy as np
 import faces
 from configurator import configure
 
+# -----------------------------------------------------------------------------
+# command-line settings (read only when run as a script)
+out_dir = "out/enhanced"
+scale = 2.0               # output size / input size (official inference: 2)
+weight = 0.5              # CodeFormer fidelity (official inference: 0.5)
+no_restore = False        # super-resolution only
+parse = False             # restore face classes only (BiSeNet parsing)
+tile = 256                # Real-ESRGAN tile core, pixels of the input
+overlap = 16              # context around each tile
+upscaler = ""             # local .onnx files; "" takes the file from the Hub
+restorer = ""
+detector = ""
+parser = ""
+# -----------------------------------------------------------------------------
+
 CROP = 512  # CodeFormer works on 512x512 crops aligned to faces.FFHQ_TEMPLATE
 
 def feed(arg, value):
@@ -39,9 +54,9 @@ def check_image(image):
 # -----------------------------------------------------------------------------
 # Real-ESRGAN, in overlapping tiles
 
-def tiled(sess, image, tile=256, overlap=16, dtype=np.uint8):
-    """Run a super-resolution session over `image` (HxWx3 uint8 RGB) tile by tile -> (fH, fW, 3) array
-    of `dtype` (uint8, or float32 in [0, 1]), f the model's factor (4 for real_esrgan_x4).
+def tiled(sess, image, tile=256, overlap=16):
+    """Run a super-resolution session over `image` (HxWx3 uint8 RGB) tile by tile -> (fH, fW, 3) uint8
+    RGB, f the model's factor (4 for real_esrgan_x4).
 
     Each `tile`-sized core is run with `overlap` pixels of real context on every side (clipped at the
     image border, where the whole-image run sees the model's own padding too), and only the core's
@@ -60,10 +75,10 @@ def tiled(sess, image, tile=256, overlap=16, dtype=np.uint8):
             y = faces.run(sess, x)[0][0]                                         # (3, f*th, f*tw) in [0, 1]
             f = y.shape[1] // (py1 - py0)
             if out is None:
-                out = np.empty((f * h, f * w, 3), dtype)
+                out = np.empty((f * h, f * w, 3), np.uint8)
             y = y[:, f * (y0 - py0):f * (y1 - py0), f * (x0 - px0):f * (x1 - px0)]  # crop back to the core
             y = np.clip(y.transpose(1, 2, 0).astype(np.float32), 0, 1)
-            out[f * y0:f * y1, f * x0:f * x1] = np.rint(y * 255) if dtype == np.uint8 else y
+            out[f * y0:f * y1, f * x0:f * x1] = np.rint(y * 255)
     return out
 
 def upscale(image, scale=4, tile=256, overlap=16, model=None):
@@ -149,39 +164,23 @@ def enhance(image, upscale_factor=2, restore=True, weight=0.5, tile=256, overlap
             print("no face found: upscaled only" if upscaled else "no face found: image unchanged")
     return image
 
-def main(argv=None):
-    """python postprocess.py in.png [more.png ...] --out_dir=DIR [--scale=2] [--weight=0.5] [--no_restore]"""
+if __name__ == "__main__":
     from PIL import Image
     from data import read_rgb
-    argv = sys.argv[1:] if argv is None else argv
-    paths = [a for a in argv if not a.startswith("--")]  # configure() would read these as config files
-    settings = dict(
-        out_dir="out/enhanced",
-        scale=2.0,          # output size / input size (official inference: 2)
-        weight=0.5,         # CodeFormer fidelity (official inference: 0.5)
-        no_restore=False,   # super-resolution only
-        parse=False,        # restore face classes only (BiSeNet parsing)
-        tile=256,           # Real-ESRGAN tile core, pixels of the input
-        overlap=16,         # context around each tile
-        upscaler="", restorer="", detector="", parser="",  # local .onnx files; "" = from the Hub
-    )
-    configure(settings, [a for a in argv if a.startswith("--")])
+    # the images; configure() gets the rest (it would read the images as config files)
+    paths = [a for a in sys.argv[1:] if not a.startswith("-")]
+    configure(globals(), [a for a in sys.argv[1:] if a.startswith("-")])
     if not paths:
-        raise SystemExit(main.__doc__)
+        raise SystemExit("no image given: python postprocess.py in.png [more.png ...] [--key=value ...] "
+                         "(--help lists the settings)")
     for p in paths:
         if not os.path.isfile(p):
             raise SystemExit(f"{p}: no such file")
-    s = settings
-    os.makedirs(s["out_dir"], exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     for p in paths:
         print(p)
-        image = np.asarray(read_rgb(p))
-        image = enhance(image, s["scale"], not s["no_restore"], s["weight"], s["tile"], s["overlap"],
-                        s["upscaler"] or None, s["restorer"] or None, s["detector"] or None,
-                        s["parse"], s["parser"] or None)
-        name = os.path.splitext(os.path.basename(p))[0] + "_enhanced.png"
-        Image.fromarray(image).save(os.path.join(s["out_dir"], name))
-        print(f"-> {os.path.join(s['out_dir'], name)}")
-
-if __name__ == "__main__":
-    main()
+        image = enhance(np.asarray(read_rgb(p)), scale, not no_restore, weight, tile, overlap, upscaler or None,
+                        restorer or None, detector or None, parse, parser or None)
+        name = os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + "_enhanced.png")
+        Image.fromarray(image).save(name)
+        print(f"-> {name}")

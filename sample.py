@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import lora as lora_lib
-from configurator import configure
+from configurator import check_choice, check_device, configure
 from data import grid, save_png, to_uint8
-from model import AttentionRecorder, StableDiffusion
+from lora import load_result, merge
+from model import DTYPES, AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
 init_from = "tiny"        # a Hub repo id, a diffusers-layout folder, or "tiny"
@@ -39,7 +39,7 @@ num_samples = 4
 batch_size = 4
 height = None             # None: the model's native size (512 for SD1.5, 128 for tiny)
 width = None
-lora = ""                 # a train.py out_dir: its LoRA and learned tokens are applied
+lora = ""                 # a training result: train.py's out_dir, or its .safetensors files; its tokens are added
 lora_scale = 1.0          # strength of the LoRA (official inference: 0.6)
 lora_scale_text = None    # the text encoder LoRA's own strength, if it has one (official inference: 0.9)
 attention = False         # also save each placeholder token's cross-attention heat map
@@ -53,6 +53,13 @@ out_dir = "out/samples"
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "fp16" if torch.cuda.is_available() else "fp32"   # fp32, bf16 or fp16
 # -----------------------------------------------------------------------------
+config = configure(globals())
+# settings with a fixed set of values, checked before any model loads
+check_choice("dtype", dtype, DTYPES)
+check_choice("sampler", sampler, ("ddim", "euler_a"))
+check_device(device)
+if attention and not lora:
+    raise SystemExit("--attention shows where the learned tokens attend: give a training result with --lora=DIR")
 
 def heatmaps(rec, n_uncond, size):
     """Average each token's recorded maps over steps, layers and heads -> (B, K, H, W) in [0, 1]."""
@@ -78,54 +85,61 @@ def save_enhanced(image, stem):
     before = np.asarray(Image.fromarray(plain).resize(better.shape[1::-1], Image.NEAREST))
     Image.fromarray(np.concatenate([before, better], axis=1)).save(stem + "_compare.png")
 
-def main():
-    config = configure(globals())
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=torch_dtype, variant=variant)
-    tokens, attn_res = [], None
-    if lora:
-        tokens = lora_lib.load(sd, lora, scale=lora_scale, text_scale=lora_scale_text)
-        print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")
-        with open(os.path.join(lora, "config.json")) as f:
-            attn_res = json.load(f)["attn_resolutions"]  # the maps its attention loss shaped
-    if attention and not tokens:
-        raise SystemExit("--attention shows where the learned tokens attend: give a training result with --lora=DIR")
-    H = height or sd.vae.config.sample_size
-    W = width or sd.vae.config.sample_size
-    os.makedirs(out_dir, exist_ok=True)
-    seeds = [seed + i for i in range(num_samples)]
-    images, heat_images = [], []
-    for b in range(0, num_samples, batch_size):
-        chunk = seeds[b:b + batch_size]
-        # one generator per image: image i is the same whatever the batch size
-        latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, H // 8, W // 8,
-                                         generator=torch.Generator().manual_seed(s)) for s in chunk])
-        print(f"images {b + 1}-{b + len(chunk)} of {num_samples}")
-        prompts, negatives = [prompt] * len(chunk), [negative_prompt] * len(chunk)
-        rec = None
-        if attention:  # the UNet sees [negatives; prompts]: record for that batch, keep the prompts' half
-            ids = sd.tokenizer(negatives + prompts).to(sd.device)
-            rec = AttentionRecorder(ids, [sd.tokenizer.tok.token_to_id(t) for t in tokens], attn_res)
-        with sd.unet.record_attention(rec):
-            out = sd.sample(prompts, negative_prompt=negatives, steps=steps, guidance=guidance, eta=eta,
-                            seed=chunk[0], latents=latents, height=H, width=W, progress=True, sampler=sampler).cpu()
-        for s, im in zip(chunk, out):
-            save_png(im, os.path.join(out_dir, f"seed{s}.png"))
-            if postprocess:
-                save_enhanced(im, os.path.join(out_dir, f"seed{s}"))
-        images.append(out)
-        if rec is not None:
-            heat = heatmaps(rec, len(chunk), (H, W)).cpu()
-            for s, im, hm in zip(chunk, out, heat):
-                row = torch.cat([im] + [overlay(im, h) for h in hm], dim=2)  # image | <v1> | <v2>
-                save_png(row, os.path.join(out_dir, f"seed{s}_attention.png"))
-                heat_images.append(row)
-    save_png(grid(torch.cat(images)), os.path.join(out_dir, "grid.png"))
-    with open(os.path.join(out_dir, "sample.json"), "w") as f:
-        json.dump(dict(config, height=H, width=W), f, indent=2)
-    extra = f", seed<N>_attention.png (image | {' | '.join(tokens)})" if attention else ""
-    extra += ", seed<N>_enhanced.png and seed<N>_compare.png (before | after)" if postprocess else ""
-    print(f"wrote {num_samples} images, grid.png{extra} to {os.path.abspath(out_dir)}")
-
-if __name__ == "__main__":
-    main()
+# -----------------------------------------------------------------------------
+sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=DTYPES[dtype], variant=variant)
+tokens, attn_res = [], None
+if lora:
+    try:
+        tokens = load_result(sd, lora, scale=lora_scale, text_scale=lora_scale_text)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--lora={lora}: {e}")
+    # the LoRA's scale is now fixed: fold it into the base weights, so sampling needs no extra matmuls
+    merge(sd.unet)
+    merge(sd.text_encoder)
+    print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")
+if attention:
+    run_config = os.path.join(lora if os.path.isdir(lora) else os.path.dirname(lora), "config.json")
+    if not os.path.isfile(run_config):
+        raise SystemExit(f"--attention records the maps the run's attention loss shaped (attn_resolutions in "
+                         f"train.py's config.json), but {run_config} is missing")
+    with open(run_config) as f:
+        attn_res = json.load(f)["attn_resolutions"]
+try:  # CLIP reads 77 tokens: a placeholder past them would be dropped, and its --attention panel blank
+    sd.tokenizer.check_length([prompt, negative_prompt])
+except ValueError as e:
+    raise SystemExit(str(e))
+H = height or sd.vae.config.sample_size
+W = width or sd.vae.config.sample_size
+os.makedirs(out_dir, exist_ok=True)
+seeds = [seed + i for i in range(num_samples)]
+images = []
+for b in range(0, num_samples, batch_size):
+    chunk = seeds[b:b + batch_size]
+    # one generator per image: image i is the same whatever the batch size
+    latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, H // 8, W // 8,
+                                     generator=torch.Generator().manual_seed(s)) for s in chunk])
+    print(f"images {b + 1}-{b + len(chunk)} of {num_samples}")
+    prompts, negatives = [prompt] * len(chunk), [negative_prompt] * len(chunk)
+    rec = None
+    if attention:  # the UNet sees [negatives; prompts]: record for that batch, keep the prompts' half
+        ids = sd.tokenizer(negatives + prompts).to(sd.device)
+        rec = AttentionRecorder(ids, [sd.tokenizer.tok.token_to_id(t) for t in tokens], attn_res)
+    with sd.unet.record_attention(rec):
+        out = sd.sample(prompts, negative_prompt=negatives, steps=steps, guidance=guidance, eta=eta,
+                        seed=chunk[0], latents=latents, height=H, width=W, progress=True, sampler=sampler).cpu()
+    for s, im in zip(chunk, out):
+        save_png(im, os.path.join(out_dir, f"seed{s}.png"))
+        if postprocess:
+            save_enhanced(im, os.path.join(out_dir, f"seed{s}"))
+    images.append(out)
+    if rec is not None:
+        heat = heatmaps(rec, len(chunk), (H, W)).cpu()
+        for s, im, hm in zip(chunk, out, heat):
+            row = torch.cat([im] + [overlay(im, h) for h in hm], dim=2)  # image | <v1> | <v2>
+            save_png(row, os.path.join(out_dir, f"seed{s}_attention.png"))
+save_png(grid(torch.cat(images)), os.path.join(out_dir, "grid.png"))
+with open(os.path.join(out_dir, "sample.json"), "w") as f:
+    json.dump(dict(config, height=H, width=W), f, indent=2)
+extra = f", seed<N>_attention.png (image | {' | '.join(tokens)})" if attention else ""
+extra += ", seed<N>_enhanced.png and seed<N>_compare.png (before | after)" if postprocess else ""
+print(f"wrote {num_samples} images, grid.png{extra} to {os.path.abspath(out_dir)}")

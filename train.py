@@ -3,7 +3,8 @@ MagiCapture training: learn a person <v1> and a style <v2> in Stable Diffusion 1
 
     python train.py config/tiny.py           # tiny random model + drawn faces: the mechanics, on a CPU
     python train.py config/portrait.py --source_dir=me --reference_dir=style
-    python train.py config/portrait.py --resume
+    python train.py config/portrait.py --resume      # carry on after a crash, a stop or Ctrl-C
+    python train.py config/portrait.py --overwrite   # start over in an out_dir that holds a run
 
 Phase 1 (textual inversion) learns only the two token embeddings; phase 2 adds
 LoRA on the UNet and trains with composed prompts and attention refocusing.
@@ -13,24 +14,28 @@ Paper: Hyung, Shin, Choo, "MagiCapture", AAAI 2024 (equations cited below).
 import glob
 import json
 import os
+import shutil
+import signal
+import sys
 import time
+import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import data
 import lora
-from configurator import configure
-from losses import attention_outside, attention_refocus, identity_loss, masked_mse, predict_x0
-from model import AttentionRecorder, StableDiffusion
+from configurator import check_choice, check_device, configure
+from losses import attention_outside, attention_refocus, identity_loss, masked_mse
+from model import DTYPES, AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
 # data and model
 init_from = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 variant = None                   # "fp16": half-size downloads
-source_dir = "data/source"       # 4-6 photos of the person ([V1]), each with <name>_mask.png (white = face)
-reference_dir = "data/reference" # 4-6 photos in the style ([V2]), same masks (the face is left out of [V2])
+source_dir = "data/source"       # 4-6 photos of the person ([V1]); <name>_mask.png (white = face) optional
+reference_dir = "data/reference" # 4-6 photos in the style ([V2]); the face is left out of [V2]
 synthetic_data = False           # draw a small synthetic data set into the two folders first (config/tiny.py)
 resolution = 512
 out_dir = "out/magicapture"
@@ -54,7 +59,7 @@ phase2_steps = 1500
 lr_lora = 1e-4
 lr_embed2 = 1e-5
 lora_rank = 4
-lora_alpha = 4.0
+lora_alpha = 4.0                 # W' = W + U V^T: alpha = rank, no extra scaling
 lora_targets = lora.PAPER_UNET   # paper: the cross-attention projections
 lora_text_encoder = False        # official script: also LoRA on the text encoder's attention
 lr_lora_text = 1e-4
@@ -65,7 +70,8 @@ lambda_id = 1.0                  # eq. 7 weight (paper 1.0; official script 0.25
 t_id_max = 800                   # official code: the identity loss draws its own t < 800 (paper: T' < T)
 attn_resolutions = (16,)         # feature-map sides recorded for eq. 8 (official: 16x16 at 512 px)
 style_boost = 1.0                # official code: 2.0 on the style and composed losses in each phase's first half
-# faces (DESIGN.md section 4): "" takes the file from the Hub repo facefusion/models-3.0.0; or a local .onnx
+# faces: "" takes the file from the Hub repo facefusion/models-3.0.0 (InsightFace detector and ArcFace,
+# BiSeNet parser); or a local .onnx
 detector_model = ""
 recognizer_model = ""
 parser_model = ""
@@ -73,6 +79,7 @@ face_crop = True                 # crop each photo to a square around its larges
 face_margin = 1.0                # crop side = face size * (1 + 2 * face_margin), as far as the photo allows
 mask_classes = tuple(range(1, 14))  # BiSeNet classes of the paper's face region: skin, brows, eyes, glasses,
                                     # ears, earring, nose, mouth, lips (add 17 for hair)
+min_mask_fraction = 0.005        # a face mask must cover more than this and less than 1 - this of its photo
 # optimisation
 grad_accum = 4                   # paper: batch 1, gradient accumulation 4
 weight_decay = 1e-3              # AdamW, on LoRA (official); embeddings have none
@@ -87,56 +94,124 @@ eval_seeds = (0, 1)
 eval_steps = 30                  # DDIM steps for validation samples
 ckpt_interval = 250
 keep_checkpoints = 2
-resume = False
+resume = False                   # continue the run in out_dir from its last checkpoint
+overwrite = False                # delete the run in out_dir (checkpoints, samples, log, weights) and start over
 # -----------------------------------------------------------------------------
 config = configure(globals())
-if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and grad_accum >= 1):
-    raise SystemExit("tokens must be two strings; phase steps >= 0; grad_accum >= 1")
+check_choice("dtype", dtype, DTYPES)
+device = check_device(device)
+if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and phase1_steps + phase2_steps > 0
+                            and grad_accum >= 1 and keep_checkpoints >= 1):
+    raise SystemExit("tokens must be two strings; phase steps >= 0, and > 0 together; grad_accum >= 1; "
+                     "keep_checkpoints >= 1")
 if resolution % 64:
     raise SystemExit(f"resolution must be a multiple of 64, got {resolution}")
-os.makedirs(out_dir, exist_ok=True)
-torch.manual_seed(seed)
+if not 0 <= min_mask_fraction < 0.5:
+    raise SystemExit(f"min_mask_fraction must be in [0, 0.5), got {min_mask_fraction}")
+if resume and overwrite:
+    raise SystemExit("--resume continues the run in out_dir, --overwrite deletes it: give one of them")
+ptdtype = DTYPES[dtype]
+total_steps = phase1_steps + phase2_steps
 
 # -----------------------------------------------------------------------------
-# data: read, check, crop; masks; all before any model loads
+# out_dir: continue its run (--resume), clear it (--overwrite), or start in a folder without a run.
+# Checked before anything is read or written, so a wrong command loses nothing.
+ckpt_dir = os.path.join(out_dir, "checkpoints")
+log_path = os.path.join(out_dir, "log.jsonl")
+RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE)
+RUN_DIRS = ("checkpoints", "samples", "masks")
+
+def checkpoints():
+    return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")))
+
+def read_run_id():
+    path = os.path.join(out_dir, "config.json")
+    return json.load(open(path)).get("run_id") if os.path.exists(path) else None
+
+ckpt = None
+if resume:
+    found = checkpoints()
+    if not found:
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}; to start a new run there, leave out --resume")
+    ckpt = torch.load(found[-1], map_location="cpu", weights_only=True)  # tensors and plain values only
+    if ckpt.get("run_id") != read_run_id():
+        raise SystemExit(f"--resume: {found[-1]} belongs to another run than {out_dir}/config.json (run ids "
+                         f"{ckpt.get('run_id')} and {read_run_id()}); a folder must hold one run. Move the "
+                         "checkpoint back where it came from, or start over with --overwrite.")
+    run_id = ckpt["run_id"]
+    print(f"resuming from {found[-1]} at step {ckpt['step']}")
+else:
+    held = [n for n in ("log.jsonl", lora.LORA_FILE, lora.EMBEDS_FILE) if os.path.exists(os.path.join(out_dir, n))]
+    held += [f"{len(checkpoints())} checkpoints"] if checkpoints() else []
+    if held and not overwrite:
+        raise SystemExit(f"{out_dir} holds a run ({', '.join(held)}). Continue it with --resume, delete it and "
+                         "start over with --overwrite, or pick another --out_dir.")
+    # a run that never logged a step (it stopped at the data checks) leaves only masks/ and config.json
+    for name in RUN_FILES + RUN_DIRS:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    run_id = uuid.uuid4().hex[:12]  # ties the checkpoints to this run's config.json
+try:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, ".write_test"), "w") as f:
+        f.write("ok")
+    os.remove(os.path.join(out_dir, ".write_test"))
+except OSError as e:
+    raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}. Pick a folder you can write to "
+                     "(--out_dir=...) with room for the checkpoints.")
+
+# -----------------------------------------------------------------------------
+# data: read, check, crop, masks; all before any model loads
 if synthetic_data:
     data.make_synthetic(source_dir, reference_dir)
 sources = data.load_folder(source_dir)
 references = data.load_folder(reference_dir)
 photos = sources + references
-unmasked = sum(it["mask_photo"] is None for it in photos)
-why = [w for w, on in (("face crops", face_crop), ("the identity loss", lambda_id > 0),
-                       (f"masks of {unmasked} photos without <name>_mask.png", unmasked)) if on]
-need_faces = bool(why)
-if need_faces:
+unmasked = [p.path for p in photos if p.mask_photo is None]
+need = {"detector": face_crop or lambda_id > 0 or bool(unmasked),
+        "parser": bool(unmasked), "recognizer": lambda_id > 0}
+face_files = {}  # kind -> local .onnx path
+if any(need.values()):
     import faces
+    why = [w for w, on in (("face crops (face_crop=True)", face_crop), ("the identity loss (lambda_id > 0)", lambda_id > 0),
+                           (f"masks of {len(unmasked)} photos without <name>_mask.png", unmasked)) if on]
     print(f"face models needed for {', '.join(why)}")
+    try:
+        chosen = dict(detector=detector_model, parser=parser_model, recognizer=recognizer_model)
+        face_files = {k: faces.model_path(k, chosen[k] or None) for k, on in need.items() if on}
+    except faces.MissingModel as e:
+        listed = "".join(f"\n  {p}" for p in unmasked)
+        raise SystemExit(f"{e}\nThe face models are needed for {', '.join(why)}."
+                         + (f" Photos without a mask:{listed}\nor give each a <name>_mask.png (white = face)." if unmasked else ""))
 
-def find_faces(items):
+def find_faces(photos):
     """Each photo's largest face, checked; detections cached in out_dir/faces.json (a resumed run reuses them)."""
     cache_path = os.path.join(out_dir, "faces.json")
     cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
     none = []
-    for it in items:
-        st = os.stat(it["path"])
-        key = f"{os.path.abspath(it['path'])}|{st.st_size}|{st.st_mtime_ns}|{detector_model}"
+    for p in photos:
+        st = os.stat(p.path)
+        key = f"{os.path.abspath(p.path)}|{st.st_size}|{st.st_mtime_ns}|{detector_model}"
         if key not in cache:
             cache[key] = [dict(box=f.box.tolist(), score=float(f.score), landmarks=f.landmarks.tolist())
-                          for f in faces.detect(np.asarray(it["photo"]), model=detector_model or None)]
+                          for f in faces.detect(np.asarray(p.photo), model=face_files["detector"])]
         found = [faces.Face(np.array(d["box"], np.float32), d["score"], np.array(d["landmarks"], np.float32))
                  for d in cache[key]]
         if not found:
-            none.append(it["path"])
+            none.append(p.path)
             continue
         if len(found) > 1:
-            print(f"{it['path']}: {len(found)} faces; using the largest")
-        it["face"] = face = faces.largest(found)
-        (x1, y1, x2, y2), (w, h) = face.box, it["photo"].size
+            print(f"{p.path}: {len(found)} faces; using the largest")
+        p.face = face = faces.largest(found)
+        (x1, y1, x2, y2), (w, h) = face.box, p.photo.size
         if max(x2 - x1, y2 - y1) < max(64, 0.1 * min(w, h)):
-            print(f"warning: {it['path']}: the face is only {max(x2 - x1, y2 - y1):.0f} px across; "
+            print(f"warning: {p.path}: the face is only {max(x2 - x1, y2 - y1):.0f} px across; "
                   "closer photos teach the identity better")
         if x1 < 1 or y1 < 1 or x2 > w - 1 or y2 > h - 1:
-            print(f"warning: {it['path']}: the face is cut off at the photo's border")
+            print(f"warning: {p.path}: the face is cut off at the photo's border")
     with open(cache_path, "w") as f:
         json.dump(cache, f)
     if none:
@@ -150,35 +225,32 @@ def face_in_crop(face, square):
     shift = np.array([left, top], np.float32)
     return faces.Face(((face.box.reshape(2, 2) - shift) * k).reshape(4), face.score, (face.landmarks - shift) * k)
 
-if need_faces:
+if "detector" in face_files:
     find_faces(photos)
-for it in photos:
-    box = it["face"].box if face_crop else None
-    data.crop(it, data.square_around(it["photo"].size, box, face_margin), resolution)
-    if need_faces:
-        it["face"] = face_in_crop(it["face"], it["square"])
-    if it["mask"] is None:  # the paper's face region from the parser, inside the detected box
-        m = faces.face_mask(data.to_uint8(it["image"] / 2 + 0.5), it["face"], model=parser_model or None,
-                            classes=mask_classes)
-        it["mask"] = torch.from_numpy(np.asarray(m, np.float32))[None]
+for p in photos:
+    data.crop(p, data.square_around(p.photo.size, p.face.box if face_crop else None, face_margin), resolution)
+    if p.face is not None:
+        p.face = face_in_crop(p.face, p.square)
+    if p.mask is None:  # the paper's face region from the parser, inside the detected box
+        m = faces.face_mask(data.to_uint8(p.image / 2 + 0.5), p.face, model=face_files["parser"], classes=mask_classes)
+        p.mask = torch.from_numpy(np.asarray(m, np.float32))[None]
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
-for kind, items in (("source", sources), ("reference", references)):
-    for it in items:
-        name = os.path.splitext(os.path.basename(it["path"]))[0]
-        data.save_overlay(it, it["mask"], os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
+for kind, group in (("source", sources), ("reference", references)):
+    for p in group:
+        name = os.path.splitext(os.path.basename(p.path))[0]
+        data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
+data.check_masks(photos, min_mask_fraction)
 print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
-if lambda_id > 0:  # the ArcFace the identity loss backpropagates through, and the target identity
-    arcface = faces.arcface_torch(recognizer_model or None)
 
 # -----------------------------------------------------------------------------
-# model
-ptdtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+# model, and the placeholder tokens: new rows of the embedding table, trained as one small fp32 parameter
 sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
 sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
-autocast = torch.autocast(device_type="cuda", dtype=ptdtype, enabled=(device == "cuda" and dtype != "fp32"))
+autocast = torch.autocast(device_type="cuda", dtype=ptdtype, enabled=(device.startswith("cuda") and dtype != "fp32"))
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "fp16"))  # fp16 needs loss scaling; bf16 does not
+T = sd.schedule.config.num_train_timesteps
+scale_factor = sd.vae.config.scaling_factor
 
-# placeholder tokens: new rows of the embedding table, trained as one small fp32 parameter
 ids = sd.tokenizer.add_tokens(list(tokens))
 sd.text_encoder.resize_token_embeddings(len(sd.tokenizer))
 table = sd.text_encoder.text_model.embeddings.token_embedding
@@ -203,40 +275,42 @@ def use_learned_rows(module, args, out):
 
 table.register_forward_hook(use_learned_rows)
 
-if lambda_id > 0:
-    arcface = arcface.to(device).eval().requires_grad_(False)
+val_prompts = [composed_templates[0].format(*tokens), source_templates[0].format(tokens[0]),
+               reference_templates[0].format(tokens[1]), neutral_prompt]
+try:  # a placeholder past CLIP's 77 tokens would be cut off without a word
+    sd.tokenizer.check_length([t.format(*tokens) for t in composed_templates] + val_prompts
+                              + [t.format(tokens[0]) for t in source_templates]
+                              + [t.format(tokens[1]) for t in reference_templates])
+except ValueError as e:
+    raise SystemExit(f"{e}\nShorten that template.")
 
-    @torch.no_grad()
-    def source_identity():
-        """Mean ArcFace embedding of the aligned source faces (normalised): R(B(I_s)) of eq. 7."""
-        crops = torch.cat([faces.warp_torch(it["image"][None].float().to(device), torch.tensor(
-            faces.similarity_transform(it["face"].landmarks, faces.ARCFACE_TEMPLATE), dtype=torch.float32,
-            device=device)[None], 112) for it in sources])
-        return F.normalize(F.normalize(arcface(crops), dim=-1).mean(0), dim=-1)
-
-    src_id = source_identity()
-
-# latents cached once: the VAE is frozen, so each photo's posterior never changes
+# the photos as the VAE sees them: posterior mean and std (cached), masks at latent size
 @torch.no_grad()
-def encode(items):
-    x = torch.stack([it["image"] for it in items]).to(device, ptdtype)
+def encode(group):
+    x = torch.stack([p.image for p in group]).to(device, ptdtype)
     mean, logvar = sd.vae.encode(x)
     return mean.float(), (0.5 * logvar.float()).exp()
 
+def latent_masks(group):
+    m = torch.stack([p.mask for p in group])
+    return torch.nn.functional.interpolate(m, size=(resolution // 8,) * 2, mode="bilinear").to(device)
+
 src_mean, src_std = encode(sources)
 ref_mean, ref_std = encode(references)
-h = resolution // 8
-def latent_masks(items):
-    return F.interpolate(torch.stack([it["mask"] for it in items]), size=(h, h), mode="bilinear").to(device)
-src_face = latent_masks(sources)           # M_s: face of each source photo
-ref_face = latent_masks(references)        # 1 - M_r
-ref_rest = 1 - ref_face                    # M_r: everything but the face
+src_face = latent_masks(sources)   # M_s of eq. 4
+ref_face = latent_masks(references)
+ref_rest = 1 - ref_face            # M_r of eq. 5-6: everything but the face
+
+if lambda_id > 0:  # the ArcFace eq. 7 backpropagates through, and the target identity R(B(I_s))
+    arcface = faces.arcface_torch(face_files["recognizer"]).to(device).eval().requires_grad_(False)
+    with torch.no_grad():
+        crops = faces.arcface_crop(torch.stack([p.image for p in sources]).float().to(device),
+                                   [p.face.landmarks for p in sources])
+        src_id = torch.nn.functional.normalize(torch.nn.functional.normalize(arcface(crops), dim=-1).mean(0), dim=-1)
 
 # -----------------------------------------------------------------------------
-# the losses of one micro-step: eq. 4, 5, 6 and 8 in one batched UNet pass
+# one micro-step: a source and a reference photo, the prompts of the phase, the loss terms
 gen = torch.Generator().manual_seed(seed)  # data order, noise and timesteps: one seed, saved in checkpoints
-T = sd.schedule.config.num_train_timesteps
-scale_factor = sd.vae.config.scaling_factor
 
 def rand(*shape):
     return torch.randn(*shape, generator=gen).to(device)
@@ -247,75 +321,83 @@ def pick(n):
 def prompt(templates, *words):
     return templates[pick(len(templates))].format(*words)
 
-def losses_for_step(phase, boost):
-    """Sum of the phase's loss terms for one source and one reference photo -> (total, {term: value})."""
+@dataclass
+class Task:
+    """One sample of a micro-step: eq. 4 (source), 5 (reference) or 6 (composed)."""
+    name: str             # "s", "r" or "c": the log's loss_s, loss_r, loss_c
+    latent: torch.Tensor  # (4, h, w) clean latent z_0
+    prompt: str
+    loss_mask: torch.Tensor  # (1, h, w): where the noise prediction is compared
+    attn_masks: tuple     # the region <v1> and <v2> may attend to (eq. 8); None for a token not in the prompt
+    weight: float         # style_boost on r and c in the first half of a phase (official code)
+
+def draw_tasks(phase, boost):
     s, r = pick(len(sources)), pick(len(references))
-    zs = (src_mean[s] + src_std[s] * rand(*src_mean[s].shape)) * scale_factor
+    zs = (src_mean[s] + src_std[s] * rand(*src_mean[s].shape)) * scale_factor  # a sample of the posterior
     zr = (ref_mean[r] + ref_std[r] * rand(*ref_mean[r].shape)) * scale_factor
-    # (name, latent, prompt, loss mask, attention masks for [<v1>, <v2>] or None, weight)
-    items = [("s", zs, prompt(source_templates, tokens[0]), src_face[s], (src_face[s], None), 1.0),
-             ("r", zr, prompt(reference_templates, tokens[1]), ref_rest[r], (None, ref_rest[r]), boost)]
-    if phase == 2 and composed:
-        items.append(("c", zr, prompt(composed_templates, *tokens), ref_rest[r], (ref_face[r], ref_rest[r]), boost))
-    z0 = torch.stack([it[1] for it in items])
+    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), src_face[s], (src_face[s], None), 1.0),
+             Task("r", zr, prompt(reference_templates, tokens[1]), ref_rest[r], (None, ref_rest[r]), boost)]
+    if phase == 2 and composed:  # the reference photo is the pseudo-label for all but the face
+        tasks.append(Task("c", zr, prompt(composed_templates, *tokens), ref_rest[r], (ref_face[r], ref_rest[r]), boost))
+    return tasks
+
+def micro_step_losses(phase, boost):
+    """The phase's loss for one micro-step -> (total, {term: value}, identity samples without a face)."""
+    tasks = draw_tasks(phase, boost)
+    z0 = torch.stack([task.latent for task in tasks])
     noise = rand(*z0.shape)
-    t = torch.randint(T, (len(items),), generator=gen).to(device)
-    text_ids = sd.tokenizer([it[2] for it in items]).to(device)
+    t = torch.randint(T, (len(tasks),), generator=gen).to(device)
+    text_ids = sd.tokenizer([task.prompt for task in tasks]).to(device)
     record = phase == 2 and lambda_attn > 0
     rec = AttentionRecorder(text_ids, ids, attn_resolutions if record else ())  # () records nothing
     with autocast, sd.unet.record_attention(rec):
         context = sd.text_encoder(text_ids)
         pred = sd.unet(sd.schedule.add_noise(z0, noise, t), t, context)
     terms, total = {}, 0.0
-    for i, (name, _, _, mask, _, weight) in enumerate(items):
-        terms[name] = masked_mse(pred[i:i + 1], noise[i:i + 1], mask[None])  # eq. 4 (s), 5 (r), 6 (c)
-        total = total + weight * terms[name]
+    for i, task in enumerate(tasks):  # eq. 4 (s), 5 (r), 6 (c)
+        terms[task.name] = masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])
+        total = total + task.weight * terms[task.name]
     if record:
         if not rec.maps:
             raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at "
                              f"resolution {resolution}; pick sides of the UNet's feature maps")
         # a token absent from a prompt gets an all-ones mask: nothing is outside, so it costs nothing
         ones = torch.ones_like(src_face[0])
-        masks = torch.stack([torch.stack([m if m is not None else ones for m in it[4]]) for it in items])
+        masks = torch.stack([torch.stack([m if m is not None else ones for m in task.attn_masks]) for task in tasks])
         terms["attn"] = attention_refocus(rec.maps, masks[:, :, 0])  # eq. 8
         total = total + lambda_attn * terms["attn"]
+    missed = None
     if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
-        sel = [i for i, it in enumerate(items) if it[0] in ("s", "c")]
-        terms["id"], terms["id_skipped"] = identity_term(z0[sel], noise[sel], context[sel])
-        if terms["id"] is not None:
-            total = total + lambda_id * terms["id"]
-        else:
-            del terms["id"]
-    return total, terms
+        sel = [i for i, task in enumerate(tasks) if task.name in ("s", "c")]
+        term, missed = identity_term(z0[sel], noise[sel], context[sel])
+        if term is not None:
+            terms["id"] = term
+            total = total + lambda_id * term
+    return total, terms, missed
 
 def identity_term(z0, noise, context):
     """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
     cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to the
-    source identity. A sample without a detected face is skipped and counted."""
+    source identity -> (loss or None, number of samples in which no face was found and so skipped)."""
     t_id = torch.randint(1, t_id_max, (len(z0),), generator=gen).to(device)
     z_t = sd.schedule.add_noise(z0, noise, t_id)
     with autocast:
         eps = sd.unet(z_t, t_id, context)
-        z0_hat = predict_x0(z_t, eps.float(), sd.schedule.alphas_cumprod.to(device)[t_id])
+        z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t_id)
         images = sd.vae.decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
-    embs, skipped = [], 0
-    for image in images:
-        found = faces.detect(data.to_uint8(image / 2 + 0.5), model=detector_model or None)
-        if not found:
-            skipped += 1
-            continue
-        M = faces.similarity_transform(faces.largest(found).landmarks, faces.ARCFACE_TEMPLATE)
-        crop = faces.warp_torch(image[None], torch.tensor(M, dtype=torch.float32, device=device)[None], 112)
-        embs.append(arcface(crop))
-    if not embs:
-        return None, torch.tensor(float(skipped))
-    return identity_loss(torch.cat(embs), src_id.expand(len(embs), -1)), torch.tensor(float(skipped))
+    keep, landmarks = [], []
+    for i, image in enumerate(images):
+        found = faces.detect(data.to_uint8(image / 2 + 0.5), model=face_files["detector"])
+        if found:
+            keep.append(i)
+            landmarks.append(faces.largest(found).landmarks)
+    if not keep:
+        return None, len(images)
+    emb = arcface(faces.arcface_crop(images[keep], landmarks))
+    return identity_loss(emb, src_id.expand(len(keep), -1)), len(images) - len(keep)
 
 # -----------------------------------------------------------------------------
 # validation: fixed seeds, the four prompts, and how much each token attends outside its region
-val_prompts = [composed_templates[0].format(*tokens), source_templates[0].format(tokens[0]),
-               reference_templates[0].format(tokens[1]), neutral_prompt]
-
 @torch.no_grad()
 def evaluate(step):
     images = [sd.sample([p], steps=eval_steps, seed=s, height=resolution, width=resolution)
@@ -346,61 +428,52 @@ def attention_on_validation():
                 attn_mass={tok: float(f"{v:.3g}") for tok, v in zip(tokens, mass.tolist())})
 
 # -----------------------------------------------------------------------------
-# optimisers: one per phase, linear decay to 0 over the phase
+# optimisers, checkpoints, outputs
 def setup_phase(phase):
+    """The phase's trainable parameters, AdamW, and a linear decay to 0 over the phase."""
     if phase == 1:
         groups = [dict(params=[embeds], lr=lr_embed1, weight_decay=0.0)]
-        steps = phase1_steps
-    else:
-        if not lora.lora_modules(sd.unet):
-            torch.manual_seed(seed)  # LoRA's random init: the same whatever ran before in this process
-            lora.inject(sd.unet, lora_targets, rank=lora_rank, alpha=lora_alpha)
-            if lora_text_encoder:
-                lora.inject(sd.text_encoder, lora.OFFICIAL_TEXT_ENCODER, rank=lora_rank, alpha=lora_alpha)
-        for p in lora.lora_parameters(sd.unet) + lora.lora_parameters(sd.text_encoder):
-            p.data = p.data.float()  # trainable weights stay fp32 whatever the compute dtype
-            p.requires_grad_(True)
-        groups = [dict(params=[embeds], lr=lr_embed2, weight_decay=0.0),
-                  dict(params=lora.lora_parameters(sd.unet), lr=lr_lora, weight_decay=weight_decay)]
+        return make_optimizer(groups, phase1_steps)
+    if not lora.lora_modules(sd.unet):  # LoRA's random init from its own generator: the same whatever ran before
+        g = torch.Generator().manual_seed(seed)
+        lora.inject(sd.unet, lora_targets, rank=lora_rank, alpha=lora_alpha, generator=g)
         if lora_text_encoder:
-            groups.append(dict(params=lora.lora_parameters(sd.text_encoder), lr=lr_lora_text,
-                               weight_decay=weight_decay))
-        steps = phase2_steps
-    opt = torch.optim.AdamW(groups)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, steps)))
-    return opt, sched
+            lora.inject(sd.text_encoder, lora.OFFICIAL_TEXT_ENCODER, rank=lora_rank, alpha=lora_alpha, generator=g)
+    for p in lora.lora_parameters(sd.unet) + lora.lora_parameters(sd.text_encoder):
+        p.data = p.data.float()  # trainable weights stay fp32 whatever the compute dtype
+        p.requires_grad_(True)
+    groups = [dict(params=[embeds], lr=lr_embed2, weight_decay=0.0),
+              dict(params=lora.lora_parameters(sd.unet), lr=lr_lora, weight_decay=weight_decay)]
+    if lora_text_encoder:
+        groups.append(dict(params=lora.lora_parameters(sd.text_encoder), lr=lr_lora_text, weight_decay=weight_decay))
+    return make_optimizer(groups, phase2_steps)
 
-def trainable():
-    return [p for g in opt.param_groups for p in g["params"]]
+def make_optimizer(groups, steps):
+    opt = torch.optim.AdamW(groups)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, steps)))
 
 def lora_tensors():
     return {k: v for m in (sd.unet, sd.text_encoder) for k, v in m.state_dict().items() if ".lora_" in k}
 
-def save_checkpoint(step):
+def save_checkpoint(step, phase):
     """Atomic: write to a temporary file, then rename; keep the last keep_checkpoints."""
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
-    state = dict(step=step, phase=phase, embeds=embeds.detach().cpu(), lora=lora_tensors(), optimizer=opt.state_dict(),
-                 scheduler=sched.state_dict(), scaler=scaler.state_dict(), gen=gen.get_state(),
-                 torch_rng=torch.get_rng_state(), config=config)
+    state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), lora=lora_tensors(),
+                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
+                 gen=gen.get_state(), config=config)
     path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
-    torch.save(state, path + ".tmp")
+    try:
+        torch.save(state, path + ".tmp")
+    except (OSError, RuntimeError) as e:  # a full disk shows as RuntimeError "... file write failed"
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        kept = checkpoints()
+        raise SystemExit(f"could not write the checkpoint {path} (disk full?): {e}\n"
+                         + (f"The previous checkpoint {kept[-1]} is kept; free some space and run again with "
+                            "--resume." if kept else "No checkpoint was written."))
     os.replace(path + ".tmp", path)
-    for old in sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")))[:-keep_checkpoints]:
+    for old in checkpoints()[:-keep_checkpoints]:
         os.remove(old)
-
-def save_outputs():
-    """The three weight files other tools read (README: loading them in diffusers, A1111, ComfyUI)."""
-    meta = {k: json.dumps(v) for k, v in config.items() if k in ("init_from", "lora_rank", "lora_alpha", "seed",
-                                                                 "phase1_steps", "phase2_steps", "resolution")}
-    from safetensors.torch import save_file
-    save_file({tok: embeds[i].detach().cpu().contiguous() for i, tok in enumerate(tokens)},
-              os.path.join(out_dir, lora.EMBEDS_FILE), metadata=meta)
-    if lora.lora_modules(sd.unet):
-        te = sd.text_encoder if lora_text_encoder else None
-        lora.save_lora_file(sd.unet, te, os.path.join(out_dir, lora.LORA_FILE), metadata=meta)
-        lora.export_kohya(sd.unet, te, os.path.join(out_dir, "lora_kohya.safetensors"),
-                          metadata=dict(meta, network_dim=str(lora_rank), network_alpha=str(lora_alpha)))
 
 def plot_losses(log_path, png_path):
     import matplotlib
@@ -419,90 +492,109 @@ def plot_losses(log_path, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
+# Ctrl-C: finish the step under way, write a checkpoint, say how to resume; a second Ctrl-C quits at once
+stop_requested = False
+
+def request_stop(signum, frame):
+    global stop_requested
+    stop_requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print("\nstopping after this step to write a checkpoint (Ctrl-C again quits at once, losing the work "
+          "since the last checkpoint)", file=sys.stderr, flush=True)
+
 # -----------------------------------------------------------------------------
-# resume, then the loop
-total_steps = phase1_steps + phase2_steps
-log_path = os.path.join(out_dir, "log.jsonl")
-start, phase, opt, sched, ckpt = 0, None, None, None, None
-if resume:
-    found = sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step*.pt")))
-    if not found:
-        raise SystemExit(f"--resume: no checkpoint in {out_dir}/checkpoints")
-    ckpt = torch.load(found[-1], map_location="cpu", weights_only=True)  # tensors and plain values only
-    changed = {k: (ckpt["config"].get(k), v) for k, v in config.items() if k != "resume" and ckpt["config"].get(k) != v}
-    if changed:
-        print(f"warning: settings differ from the checkpoint's: {changed}")
+# the loop
+start = 0
+if ckpt is not None:
     start = ckpt["step"]
     with torch.no_grad():
         embeds.copy_(ckpt["embeds"])
     gen.set_state(ckpt["gen"])
-    torch.set_rng_state(ckpt["torch_rng"])
     if os.path.exists(log_path):  # drop log lines written after the checkpoint by the interrupted run
         with open(log_path) as f:
             kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(kept)
-    print(f"resuming from {found[-1]} at step {start}")
-elif os.path.exists(log_path):
-    os.remove(log_path)
 with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+    json.dump(dict(config, run_id=run_id), f, indent=2)
 
 print(f"phase 1: {phase1_steps} steps (embeddings), phase 2: {phase2_steps} steps (LoRA + embeddings); "
       f"{grad_accum} micro-steps of 1 source + 1 reference photo per step; {total_steps * grad_accum} UNet "
       f"batches in all; compute {dtype} on {device}")
 
 from tqdm import tqdm
-bar = tqdm(range(start, total_steps), initial=start, total=total_steps, unit="step")
+bar = tqdm(total=total_steps, initial=start, unit="step")
+signal.signal(signal.SIGINT, request_stop)
 t0 = time.time()
-for step in bar:
-    p = 1 if step < phase1_steps else 2
-    if p != phase:  # a phase starts (or resumes): new optimiser and schedule
-        phase = p
-        opt, sched = setup_phase(phase)
-        if ckpt is not None and ckpt["phase"] == phase:  # resuming inside this phase
-            with torch.no_grad():
-                for k, v in lora_tensors().items():
-                    v.copy_(ckpt["lora"][k])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-        ckpt = None
-    phase_start, phase_len = (0, phase1_steps) if phase == 1 else (phase1_steps, phase2_steps)
-    boost = style_boost if step - phase_start < phase_len / 2 else 1.0
-    sums = {}
-    for micro in range(grad_accum):
-        total, terms = losses_for_step(phase, boost)
-        for name, v in terms.items():
-            if not torch.isfinite(v):
-                raise SystemExit(f"step {step}: loss term '{name}' is {v.item()}. Nothing was saved from this step; "
-                                 f"the last checkpoint is in {out_dir}/checkpoints. Try a lower learning rate, "
-                                 "dtype=bf16 instead of fp16, or check the photos and masks.")
-            sums[name] = sums.get(name, 0.0) + v.item() / (1 if name == "id_skipped" else grad_accum)
-        sums["loss"] = sums.get("loss", 0.0) + total.item() / grad_accum
-        scaler.scale(total / grad_accum).backward()
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(trainable(), grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
+for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps)):
+    if max(start, first) >= first + steps:
+        continue  # a phase of 0 steps, or one finished before the resumed checkpoint
+    opt, sched = setup_phase(phase)
+    if ckpt is not None and ckpt["phase"] == phase:  # resuming inside this phase
+        with torch.no_grad():
+            for k, v in lora_tensors().items():
+                v.copy_(ckpt["lora"][k])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    for step in range(max(start, first), first + steps):
+        boost = style_boost if step - first < steps / 2 else 1.0
+        # draw grad_accum micro-batches, backpropagate each, then one optimiser step
+        logged, missed = {}, None
+        for micro in range(grad_accum):
+            total, terms, skipped = micro_step_losses(phase, boost)
+            for name, v in terms.items():
+                if not torch.isfinite(v):
+                    raise SystemExit(f"step {step}: loss term '{name}' is {v.item()}. Nothing was saved from this "
+                                     f"step; the last checkpoint is in {ckpt_dir}. Try a lower learning rate, "
+                                     "dtype=bf16 instead of fp16, or check the photos and masks.")
+                logged[f"loss_{name}"] = logged.get(f"loss_{name}", 0.0) + v.item() / grad_accum
+            logged["loss"] = logged.get("loss", 0.0) + total.item() / grad_accum
+            if skipped is not None:
+                missed = (missed or 0) + skipped
+            scaler.scale(total / grad_accum).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
 
-    done = step + 1
-    row = dict(step=done, phase=phase, loss=sums.pop("loss"), **{k if k == "id_skipped" else f"loss_{k}": v for k, v in sums.items()},
-               lr=sched.get_last_lr()[0], **({"lr_lora": sched.get_last_lr()[1]} if phase == 2 else {}), seconds=round(time.time() - t0, 2))
-    if done % eval_interval == 0 or done == phase1_steps or done == total_steps:
-        row.update(evaluate(done))
-    if done % log_interval == 0 or "samples" in row or done == total_steps:
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}")
-    if done % ckpt_interval == 0 or done == phase1_steps or done == total_steps:
-        save_checkpoint(done)
+        # log, evaluate, checkpoint
+        done = step + 1
+        lrs = sched.get_last_lr()
+        row = dict(step=done, phase=phase, loss=logged.pop("loss"), **logged, lr=lrs[0])
+        if phase == 2:
+            row["lr_lora"] = lrs[1]
+        if missed is not None:
+            row["id_skipped"] = missed  # samples of this step where the detector found no face (eq. 7 skipped)
+        row["seconds"] = round(time.time() - t0, 2)
+        last = done == first + steps
+        if done % eval_interval == 0 or last:
+            bar.set_description_str("drawing validation samples")
+            row.update(evaluate(done))
+            bar.set_description_str("")
+        if done % log_interval == 0 or "samples" in row or last:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.update()
+        bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}")
+        if done % ckpt_interval == 0 or last or stop_requested:
+            save_checkpoint(done, phase)
+        if stop_requested and done < total_steps:
+            bar.close()
+            again = [a for a in sys.argv if not a.startswith(("--resume", "--overwrite"))] + ["--resume"]
+            print(f"stopped at step {done} of {total_steps}; checkpoint {checkpoints()[-1]}.\n"
+                  f"Continue with: python {' '.join(again)}", file=sys.stderr)
+            sys.exit(130)  # the shell's code for a run ended by Ctrl-C
+bar.close()
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
-save_outputs()
+lora.save_result(out_dir, sd.unet, sd.text_encoder if lora_text_encoder else None, dict(zip(tokens, embeds.detach())),
+                 metadata={k: json.dumps(config[k]) for k in ("init_from", "lora_rank", "lora_alpha", "seed",
+                                                              "phase1_steps", "phase2_steps", "resolution")})
 plot_losses(log_path, os.path.join(out_dir, "loss.png"))
-if device == "cuda":
+if device.startswith("cuda"):
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-print(f"done: {out_dir} holds {lora.LORA_FILE}, {lora.EMBEDS_FILE}, lora_kohya.safetensors, config.json, "
-      f"log.jsonl, loss.png, samples/, masks/")
+print(f"done: {out_dir} holds {', '.join(sorted(os.listdir(out_dir)))}")

@@ -1,7 +1,7 @@
 """
-Stand-in ONNX files with the signatures of the real face models (DESIGN.md section 4), for tests
-that cannot download them. Built node by node with onnx.helper (no exporter needed). Each builder
-writes `path` and returns it.
+Stand-in ONNX files with the signatures of the real face models (facefusion/models-3.0.0: retinaface_10g,
+arcface_w600k_r50, bisenet_resnet_34, codeformer, real_esrgan_x4), for tests that cannot download them.
+Built node by node with onnx.helper (no exporter needed). Each builder writes `path` and returns it.
 """
 
 import numpy as np

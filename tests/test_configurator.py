@@ -1,11 +1,12 @@
 """configurator.py: config files and --key=value overrides, type-checked, unknown keys rejected."""
 import pytest
+import torch
 
-from configurator import configure
+from configurator import check_choice, check_device, configure
 
 def scope():
     return dict(steps=50, guidance=7.5, prompt="a photo", init_from="tiny", height=None, flip=False,
-                resolutions=(16,), torch=pytest)  # a module in scope is not a setting
+                resolutions=(16,), torch=pytest, CROP=512)  # a module and an upper-case constant are not settings
 
 def test_overrides_and_types(tmp_path):
     """A config file then --key=value apply in order, with literal parsing and int->float."""
@@ -43,4 +44,50 @@ def test_help_lists_settings(capsys):
         configure(s, ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("Draw images.") and "  steps = 50" in out and "torch" not in out
+    assert out.startswith("Draw images.") and "  steps = 50\n" in out and "torch" not in out and "CROP" not in out
+
+def test_help_after_config_shows_effective_values(tmp_path, capsys):
+    """--help after a config file and an override shows what they set, with the default beside each
+    changed value; an override after --help is never applied."""
+    f = tmp_path / "c.py"
+    f.write_text("steps = 20\nresolutions = [16, 32]\n")
+    with pytest.raises(SystemExit) as e:
+        configure(dict(scope(), __doc__="Draw images."), [str(f), "--guidance=3", "--help", "--steps=7"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for line in ("  steps = 20    (default 50)", "  guidance = 3.0    (default 7.5)",
+                 "  resolutions = (16, 32)    (default (16,))", "  prompt = 'a photo'\n"):
+        assert line in out, f"{line!r} not in:\n{out}"
+
+def test_check_choice():
+    """A value outside a fixed set stops with the set listed; a dict's keys are its choices."""
+    assert check_choice("dtype", "bf16", {"fp32": 0, "bf16": 1, "fp16": 2}) == "bf16"
+    with pytest.raises(SystemExit) as e:
+        check_choice("dtype", "fp8", {"fp32": 0, "bf16": 1, "fp16": 2})
+    assert str(e.value) == "dtype must be one of 'fp32', 'bf16', 'fp16'; got 'fp8'"
+
+@pytest.mark.parametrize("device,message", [
+    ("gpu", "device='gpu' is not a device: use --device=cpu"),
+    ("cuda:x", "device='cuda:x' is not a device"),
+    ("meta", "device='meta' is not a device"),
+    ("cuda", "device='cuda' but PyTorch sees no CUDA GPU (torch.cuda.is_available() is False): use --device=cpu"),
+    ("cuda:1", "device='cuda:1' but PyTorch sees no CUDA GPU"),
+    ("mps", "device='mps' but PyTorch has no MPS (Apple GPU) here: use --device=cpu"),
+])
+def test_check_device_refuses(device, message, monkeypatch):
+    """Devices this machine lacks (no GPU here: CUDA and MPS made unavailable) and strings that are
+    not devices stop with a message saying to use --device=cpu."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        check_device(device)
+    assert message in str(e.value), str(e.value)
+
+def test_check_device_accepts(monkeypatch):
+    """cpu always passes; with one CUDA GPU, cuda and cuda:0 pass and cuda:1 names the devices there are."""
+    assert check_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert check_device("cuda") == "cuda" and check_device("cuda:0") == "cuda:0"
+    with pytest.raises(SystemExit, match=r"has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        check_device("cuda:1")

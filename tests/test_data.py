@@ -1,5 +1,7 @@
 """data.py: photo intake fails early, names the file, and converts odd images instead of crashing."""
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -12,11 +14,20 @@ def load(folder, resolution=64):
     """load_folder, then the centred square crop train.py uses without face models."""
     items = data.load_folder(folder)
     for it in items:
-        data.crop(it, data.square_around(it["photo"].size), resolution)
+        data.crop(it, data.square_around(it.photo.size), resolution)
     return items
 
 def photo(path, size=(96, 80), mode="RGB", color=(200, 100, 50), **save):
     Image.new(mode, size, color).save(path, **save)
+
+def png(path, size, bit_depth, color_type, rows=()):
+    """A PNG written byte by byte, for what Pillow will not write: 16-bit RGB, or a header that declares a
+    size the (empty) pixel data never fills; Pillow's open reads only the header."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", *size, bit_depth, color_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))  # filter byte 0 (none) per row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 def test_reads_jpg_png_webp_any_case_and_skips_junk(tmp_path, capsys):
     """jpg/png/webp in any case are read; .DS_Store and text files are skipped with a warning naming them."""
@@ -26,11 +37,12 @@ def test_reads_jpg_png_webp_any_case_and_skips_junk(tmp_path, capsys):
     (tmp_path / ".DS_Store").write_bytes(b"\0\1")
     (tmp_path / "notes.txt").write_text("hi")
     items = load(str(tmp_path))
-    assert [os.path.basename(i["path"]) for i in items] == ["a.JPG", "b.png", "c.WebP"]
+    assert all(isinstance(i, data.Photo) for i in items)
+    assert [os.path.basename(i.path) for i in items] == ["a.JPG", "b.png", "c.WebP"]
     out = capsys.readouterr().out
     assert ".DS_Store" in out and "notes.txt" in out
-    assert items[0]["image"].shape == (3, 64, 64) and items[0]["mask"] is None
-    assert -1 <= items[0]["image"].min() and items[0]["image"].max() <= 1
+    assert items[0].image.shape == (3, 64, 64) and items[0].mask is None
+    assert -1 <= items[0].image.min() and items[0].image.max() <= 1
 
 def test_corrupt_files_are_all_named(tmp_path):
     """Every unreadable file is listed in one message, before anything else happens."""
@@ -58,7 +70,7 @@ def test_alpha_over_white_grey_and_cmyk(tmp_path):
     photo(tmp_path / "clear.png", mode="RGBA", color=(0, 0, 0, 0))
     photo(tmp_path / "grey.png", mode="L", color=128)
     photo(tmp_path / "cmyk.jpg", mode="CMYK", color=(0, 0, 0, 0))
-    items = {os.path.basename(i["path"]): i["image"] for i in load(str(tmp_path))}
+    items = {os.path.basename(i.path): i.image for i in load(str(tmp_path))}
     assert torch.allclose(items["clear.png"], torch.ones(3, 64, 64))  # transparent -> white
     assert torch.allclose(items["grey.png"], torch.full((3, 64, 64), 128 / 255 * 2 - 1), atol=1e-6)
     assert items["cmyk.jpg"].min() > 0.9  # CMYK (0,0,0,0) is white paper
@@ -84,8 +96,8 @@ def test_masks_paired_and_checked(tmp_path):
     m.save(tmp_path / "a_mask.png")
     photo(tmp_path / "b.png", size=(100, 100))
     items = load(str(tmp_path))
-    assert len(items) == 2 and items[1]["mask"] is None
-    mask = items[0]["mask"]
+    assert len(items) == 2 and items[1].mask is None
+    mask = items[0].mask
     assert mask.shape == (1, 64, 64) and mask[0, :30].min() > 0.99 and mask[0, 34:].max() < 0.01
     Image.new("L", (50, 50), 255).save(tmp_path / "b_mask.png")
     with pytest.raises(SystemExit, match="b_mask.png: 50x50, but its photo is 100x100"):
@@ -104,3 +116,171 @@ def test_square_around_face():
     assert data.square_around((400, 300), box=(190, 140, 210, 160), margin=1.0) == (170, 120, 60)
     assert data.square_around((400, 300), box=(0, 0, 20, 20), margin=1.0) == (0, 0, 60)  # pushed inside
     assert data.square_around((400, 300), box=(100, 50, 300, 250), margin=1.0) == (50, 0, 300)  # shrunk
+
+# 16-bit grey levels and what they are in 8 bits (v / 257, rounded); Pillow's convert made all but 0 white
+GREY16 = np.array([[0, 1000, 32896, 65535]], np.uint16)
+GREY8 = np.array([0, 4, 128, 255])
+
+def test_every_mode_reads_as_the_right_8bit_rgb(tmp_path):
+    """Each Pillow mode a photo or mask can open in gives the right upright 8-bit RGB values (files on disk)."""
+    grey = lambda v: np.repeat(np.asarray(v)[:, None], 3, axis=1)  # (N,) -> (N, 3)
+    over_white = lambda v, a: np.round(v * a / 255 + 255 * (1 - a / 255))
+    files = {}  # name -> (expected pixels of the first row, tolerance in 8-bit levels)
+    Image.fromarray(GREY16).save(tmp_path / "i16.png")  # a 16-bit grey PNG opens as I;16
+    files["i16.png"] = grey(GREY8), 0
+    Image.frombytes("I;16B", (4, 1), GREY16.astype(">u2").tobytes()).save(tmp_path / "i16b.tif")
+    files["i16b.tif"] = grey(GREY8), 0
+    Image.fromarray(GREY16.astype(np.int32)).save(tmp_path / "i32.tif")  # mode I: taken as 16-bit
+    files["i32.tif"] = grey(GREY8), 0
+    Image.fromarray((GREY16 / 65535).astype(np.float32)).save(tmp_path / "f01.tif")  # F in 0..1
+    files["f01.tif"] = grey(GREY8), 0
+    Image.fromarray((GREY16 / 257).astype(np.float32)).save(tmp_path / "f255.tif")  # F in 0..255
+    files["f255.tif"] = grey(GREY8), 0
+    rgb16 = np.stack([GREY16, 65535 - GREY16, np.full_like(GREY16, 2570)], axis=-1).astype(">u2")
+    png(tmp_path / "rgb16.png", (4, 1), 16, 2, rows=rgb16)  # 16-bit RGB: Pillow keeps the high byte
+    files["rgb16.png"] = np.stack([GREY8, 255 - GREY8, np.full(4, 10)], axis=-1), 1
+    la = Image.new("LA", (4, 1))
+    la.putdata([(0, 0), (0, 255), (200, 128), (255, 255)])
+    la.save(tmp_path / "la.png")
+    files["la.png"] = grey(over_white(np.array([0, 0, 200, 255]), np.array([0, 255, 128, 255]))), 1
+    p = Image.new("P", (4, 1))
+    p.putpalette([0, 0, 0, 255, 0, 0])
+    p.putdata([0, 1, 0, 1])
+    p.save(tmp_path / "p.png", transparency=0)  # palette entry 0 transparent
+    files["p.png"] = np.array([[255, 255, 255], [255, 0, 0]] * 2), 0
+    pa = Image.new("PA", (2, 1))
+    pa.putpalette([0, 0, 0, 255, 0, 0])
+    pa.putdata([(1, 0), (1, 255)])
+    pa.save(tmp_path / "pa.tif")
+    files["pa.tif"] = np.array([[255, 255, 255], [255, 0, 0]]), 0
+    photo(tmp_path / "lt.png", size=(2, 1), mode="L", color=7, transparency=7)  # L with a transparent grey
+    files["lt.png"] = grey([255, 255]), 0
+    photo(tmp_path / "rgba.png", size=(2, 1), mode="RGBA", color=(255, 0, 0, 128))
+    files["rgba.png"] = np.array([[255, 127, 127]] * 2), 1
+    photo(tmp_path / "cmyk.jpg", size=(8, 8), mode="CMYK", color=(0, 255, 255, 0), quality=100)
+    files["cmyk.jpg"] = np.array([[255, 0, 0]] * 8), 3  # JPEG rounding
+    photo(tmp_path / "l.png", size=(2, 1), mode="L", color=128)
+    files["l.png"] = grey([128, 128]), 0
+    bw = Image.new("1", (2, 1))
+    bw.putdata([0, 1])
+    bw.save(tmp_path / "bw.png")
+    files["bw.png"] = grey([0, 255]), 0
+    wrong = []
+    for name, (want, tol) in files.items():
+        im = data.read_rgb(tmp_path / name)
+        got = np.asarray(im)[0].astype(int)
+        if im.mode != "RGB" or np.abs(got - want).max() > tol:
+            wrong.append(f"{name} ({Image.open(tmp_path / name).mode}): got {got.tolist()}, want {want.tolist()}")
+    assert not wrong, "\n".join(wrong)
+
+def test_16bit_mask(tmp_path):
+    """A 16-bit grey mask reads as 1, 0.5 and 0, not as white wherever it is above 255."""
+    photo(tmp_path / "a.png", size=(96, 96))
+    photo(tmp_path / "b.png")
+    m = np.zeros((96, 96), np.uint16)
+    m[:32], m[32:64] = 65535, 32896
+    Image.fromarray(m).save(tmp_path / "a_mask.png")
+    mask = load(str(tmp_path), resolution=96)[0].mask[0]
+    top, middle, bottom = mask[:30].mean().item(), mask[34:62].mean().item(), mask[66:].mean().item()
+    assert abs(top - 1) < 1e-6 and abs(middle - 128 / 255) < 1e-6 and bottom < 1e-6, (top, middle, bottom)
+
+def test_huge_image_is_named_with_its_size(tmp_path):
+    """A photo over MAX_PIXELS (a header declaring 20000x10000, never decoded) is named with its size and the fix
+    in the one message, not left to Pillow's DecompressionBombError; Pillow's own limit is restored."""
+    limit = Image.MAX_IMAGE_PIXELS
+    png(tmp_path / "huge.png", (20000, 10000), 8, 0)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    photo(tmp_path / "a.png")
+    photo(tmp_path / "b.png")
+    with pytest.raises(SystemExit) as e:
+        load(str(tmp_path))
+    msg = str(e.value)
+    assert "huge.png: 20000x10000 pixels, over the limit of 89 megapixels" in msg, msg
+    assert "4000 px on the long side" in msg and "broken.jpg" in msg, msg
+    assert Image.MAX_IMAGE_PIXELS == limit
+
+def test_mask_without_photo_is_named(tmp_path, capsys):
+    """A <name>_mask.png that pairs with no photo (none of that name, or another case) is named in a warning."""
+    photo(tmp_path / "a.png")
+    photo(tmp_path / "b.png")
+    Image.new("L", (96, 80)).save(tmp_path / "c_mask.png")
+    Image.new("L", (96, 80)).save(tmp_path / "a_MASK.png")
+    items = load(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "ignoring " + str(tmp_path / "c_mask.png") in out and "ignoring " + str(tmp_path / "a_MASK.png") in out, out
+    assert [i.mask for i in items] == [None, None]
+
+def test_mask_of_exif_rotated_photo_says_why(tmp_path):
+    """A mask drawn on a sideways-stored photo (EXIF orientation 6) is refused with the tag as reason and the fix."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to show upright
+    Image.new("RGB", (120, 80), (200, 100, 50)).save(tmp_path / "a.jpg", exif=exif)
+    Image.new("L", (120, 80), 255).save(tmp_path / "a_mask.png")
+    photo(tmp_path / "b.png")
+    with pytest.raises(SystemExit) as e:
+        load(str(tmp_path))
+    msg = str(e.value)
+    assert "a_mask.png: 120x80, the size of a.jpg as stored" in msg and "EXIF orientation tag (6)" in msg, msg
+    assert "80x120 upright" in msg and "rotate the mask the same way" in msg, msg
+
+def masked(tmp_path, name, fraction, file_mask):
+    """A cropped Photo whose 64x64 mask is face on its first `fraction` of rows."""
+    p = data.Photo(str(tmp_path / f"{name}.jpg"), Image.new("RGB", (64, 64)))
+    if file_mask:
+        p.mask_photo = Image.new("L", (64, 64))
+    p.mask = torch.zeros(1, 64, 64)
+    p.mask[:, :round(64 * fraction)] = 1
+    return p
+
+def test_check_masks_names_empty_and_full_masks(tmp_path):
+    """Masks of almost no face or almost all face are each named (the file, or the parser's mask of the photo)."""
+    ok = [masked(tmp_path, "ok", 0.5, True), masked(tmp_path, "ok2", 0.5, False)]
+    data.check_masks(ok, 0.005)
+    bad = [masked(tmp_path, "empty", 0, True), masked(tmp_path, "full", 1, False)]
+    with pytest.raises(SystemExit) as e:
+        data.check_masks(ok + bad, 0.005)
+    msg = str(e.value)
+    assert str(tmp_path / "empty_mask.png") + ": 0.0% face" in msg, msg
+    assert "the automatic face-parser mask of " + str(tmp_path / "full.jpg") + ": 100.0% face" in msg, msg
+    assert msg.count(str(tmp_path)) == 2 and "painting the face white" in msg, msg  # the good ones are not named
+    p = masked(tmp_path, "thin", 0, True)
+    p.mask[0, 0, :16] = 1  # 16 of 4096 pixels: 0.4%
+    with pytest.raises(SystemExit, match="thin_mask.png: 0.4% face"):
+        data.check_masks([p], 0.005)
+    data.check_masks([p], 0)  # 0 turns the check off
+
+def test_synthetic_data_never_draws_over_photos(tmp_path):
+    """make_synthetic refuses a folder holding other files (naming it, leaving it untouched, drawing nothing),
+    and redraws a set it drew before without complaint."""
+    src, ref = tmp_path / "src", tmp_path / "ref"
+    ref.mkdir()
+    photo(ref / "00.png", color=(1, 2, 3))
+    before = (ref / "00.png").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        data.make_synthetic(str(src), str(ref), n=2)
+    msg = str(e.value)
+    assert str(ref) in msg and "00.png" in msg and "synthetic_data=False" in msg, msg
+    assert (ref / "00.png").read_bytes() == before and not src.exists()
+
+    (ref / "00.png").unlink()
+    (ref / ".DS_Store").write_bytes(b"")  # hidden files are nobody's photos
+    data.make_synthetic(str(src), str(ref), n=3)
+    first = {n: (src / n).read_bytes() for n in os.listdir(src)}
+    assert sorted(first) == [".magicapture-synthetic", "00.png", "00_mask.png", "01.png", "01_mask.png",
+                             "02.png", "02_mask.png"]
+    data.make_synthetic(str(src), str(ref), n=3)  # again: same files, no complaint
+    assert {n: (src / n).read_bytes() for n in os.listdir(src)} == first
+    data.make_synthetic(str(src), str(ref), n=2)  # fewer: the extra drawn files go
+    assert sorted(os.listdir(src)) == [".magicapture-synthetic", "00.png", "00_mask.png", "01.png", "01_mask.png"]
+
+    photo(src / "me.jpg")  # a user's photo next to a drawn set
+    with pytest.raises(SystemExit, match="holds other files \\(me.jpg\\)"):
+        data.make_synthetic(str(src), str(ref), n=2)
+    assert (src / "me.jpg").exists()
+
+def test_synthetic_set_loads_without_warnings(tmp_path, capsys):
+    """The drawn set loads with every mask paired; the marker file is not reported as junk."""
+    data.make_synthetic(str(tmp_path / "src"), str(tmp_path / "ref"), n=2)
+    items = load(str(tmp_path / "src"))
+    assert len(items) == 2 and all(i.mask is not None for i in items)
+    assert "warning" not in capsys.readouterr().out

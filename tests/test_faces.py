@@ -1,6 +1,7 @@
 """
 faces.py on stand-in ONNX models (tests/standins.py): detection decoding + NMS + letterbox,
-alignment (numpy vs torch, gradients), parsing masks, ArcFace (onnxruntime vs torch), model files.
+alignment (numpy vs torch, gradients, the ArcFace crop), parsing masks, ArcFace (onnxruntime vs torch),
+model files (local, Hugging Face cache, CRC32 check, MissingModel offline).
 Run: python -m pytest -q tests/test_faces.py
 """
 
@@ -8,13 +9,14 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
 import torch
 
 import faces
-from tests import standins
+import standins
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,6 +128,45 @@ def test_warp_torch_gradcheck():
     assert torch.autograd.gradcheck(lambda i, m: faces.warp_torch(i, m, 5), (images, matrix))
 
 
+def test_arcface_crop_is_the_two_line_crop_inside_the_image():
+    """arcface_crop equals similarity_transform + warp_torch per image where the crop lies inside the image,
+    is black (-1) where it reaches past the image (the two-line form gave 0 there), and passes gradients."""
+    images = (torch.from_numpy(smooth_image(200, 240)).permute(2, 0, 1) * 2 - 1).repeat(2, 1, 1, 1)
+    template = faces.ARCFACE_TEMPLATE.astype(np.float64)
+    landmarks = [apply(similarity(1.3, 12, 70, 30), template),    # crop well inside the 240x200 image
+                 apply(similarity(1.0, -20, -40, 110), template)]  # crop partly left of and below it
+    images.requires_grad_()
+    got = faces.arcface_crop(images, landmarks)
+    assert got.shape == (2, 3, 112, 112)
+    for i, lm in enumerate(landmarks):
+        M = faces.similarity_transform(lm, faces.ARCFACE_TEMPLATE)
+        want = faces.warp_torch(images[i][None], torch.tensor(M, dtype=torch.float32)[None], 112)[0]
+        # crop pixels whose 2x2 bilinear neighbourhood lies inside the image
+        crop_to_image = np.linalg.inv(np.vstack([M, [0, 0, 1]]))[:2]
+        v, u = np.mgrid[:112, :112]
+        x, y = np.moveaxis(apply(crop_to_image, np.stack([u, v], -1).reshape(-1, 2).astype(np.float64)), -1, 0)
+        inside = torch.from_numpy(((x >= 0) & (x <= 239) & (y >= 0) & (y <= 199)).reshape(112, 112))
+        outside = torch.from_numpy(((x < -1) | (x > 240) | (y < -1) | (y > 200)).reshape(112, 112))
+        err = (got[i] - want).abs()[:, inside].max().item()
+        assert err < 1e-5, f"image {i}: max abs difference {err:.2e} from the two-line crop inside the image"
+        if i == 1:
+            assert outside.sum() > 500 and (got[i][:, outside] == -1).all(), \
+                f"outside the image: {outside.sum()} px, values {got[i][:, outside].unique()[:5]} (want -1)"
+    got.sum().backward()
+    assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+
+
+def test_arcface_crop_matches_embeds_input():
+    """The differentiable crop of a [-1, 1] image is what embed() feeds ArcFace (cv2 crop of the uint8 image,
+    black border), within cv2's 8-bit rounding."""
+    image = np.rint(smooth_image(200, 240) * 255).astype(np.uint8)
+    landmarks = apply(similarity(1.0, -20, -40, 110), faces.ARCFACE_TEMPLATE.astype(np.float64))
+    want = faces.arcface_input(faces.warp(image, faces.similarity_transform(landmarks, faces.ARCFACE_TEMPLATE), 112))
+    images = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    err = np.abs(faces.arcface_crop(images, [landmarks]).numpy() - want).max()
+    assert err < 2 / 127.5, f"max abs difference {err:.4f} (2 uint8 levels = {2 / 127.5:.4f})"
+
+
 def test_face_mask(tmp_path):
     """The planted parsing comes back inside the box, 0 outside; `classes` picks what counts."""
     labels = np.zeros((512, 512), np.int64)  # in FFHQ-aligned crop pixels (row v, column u)
@@ -193,36 +234,83 @@ def test_arcface_torch_self_check_fails_loudly(models, monkeypatch):
         faces.arcface_torch(models["recognizer"])
 
 
-def test_model_path_offline_error(tmp_path):
-    """Offline with an empty cache: a RuntimeError naming the file, the repo and the command to fetch it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    r = subprocess.run([sys.executable, "-c", "import faces; faces.model_path('detector')"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
+# run in a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE and HF_HOME when imported.
+# DNS always fails, as on a machine without network; the script counts the look-ups.
+NO_NETWORK = """
+import socket, time
+lookups = []
+def no_network(*args, **kwargs):
+    lookups.append(args[0])
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+socket.getaddrinfo = no_network
+import faces
+t = time.perf_counter()
+try:
+    faces.model_path("recognizer")
+except faces.MissingModel as e:
+    print(time.perf_counter() - t, len(lookups), e.__cause__ is None and e.__suppress_context__)
+    print(e)
+faces.model_path("detector")  # uncaught, to see the traceback a user sees
+"""
+
+
+# offline: no look-up at all. Without network: the one HEAD (and huggingface_hub 2.x's own user-agent look-up);
+# hf_hub_download's retries would add 5 more, waiting 1 + 2 + 4 + 8 + 8 s.
+@pytest.mark.parametrize("offline,max_lookups", [("1", 0), ("", 2)], ids=["HF_HUB_OFFLINE", "no_network"])
+def test_missing_model_is_one_clear_error(tmp_path, offline, max_lookups):
+    """An empty cache, offline or without network: MissingModel at once (no retries), naming the file, the repo,
+    the hf download command and the setting, with no chained traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE=offline, HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "-c", NO_NETWORK], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    out = r.stdout.splitlines()
+    assert r.returncode != 0 and len(out) == 2, r.stdout + r.stderr[-3000:]
+    seconds, n, no_chain = out[0].split()
+    assert float(seconds) < 2 and int(n) <= max_lookups and no_chain == "True", \
+        f"{float(seconds):.2f} s, {n} DNS look-ups (at most {max_lookups}), cause suppressed: {no_chain}"
+    for part in ["arcface_w600k_r50.onnx", faces.HUB_REPO,
+                 f"`hf download {faces.HUB_REPO} arcface_w600k_r50.onnx --local-dir DIR`",
+                 "--recognizer_model=DIR/arcface_w600k_r50.onnx"]:
+        assert part in out[1], f"{part!r} not in: {out[1]}"
+    assert r.stderr.count("Traceback") == 1 and "direct cause" not in r.stderr and "During handling" not in r.stderr, \
+        r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("RuntimeError") and "retinaface_10g.onnx" in last and faces.HUB_REPO in last \
-        and "hf download" in last, r.stderr[-2000:]
+    assert last.startswith("faces.MissingModel: retinaface_10g.onnx") \
+        and "--detector_model=DIR/retinaface_10g.onnx" in last, last
 
 
-def test_model_path_local_and_hash(models, tmp_path, monkeypatch):
-    """A local path is used as is (missing -> named); a Hub copy whose CRC32 differs from its .hash fails."""
+def hub_cache(root, files):
+    """A Hugging Face cache under `root` holding HUB_REPO's `files` ({name: bytes}) at one snapshot."""
+    repo = root / ("models--" + faces.HUB_REPO.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    return snapshot
+
+
+def test_model_path_local_cache_and_hash(models, tmp_path, monkeypatch):
+    """A local path is used as is (missing -> named); a cached Hub copy is used without the network, checked
+    against its cached .hash (skipped when there is none), and fails when its CRC32 differs."""
     det = models["detector"]
     assert faces.model_path("detector", det) == det
     with pytest.raises(FileNotFoundError, match="nowhere.onnx"):
         faces.model_path("detector", str(tmp_path / "nowhere.onnx"))
 
-    import zlib
-    with open(det, "rb") as f:
-        crc = zlib.crc32(f.read())
-    hash_file = tmp_path / "retinaface_10g.hash"
-    hub = {"retinaface_10g.onnx": det, "retinaface_10g.hash": str(hash_file)}  # the "Hub cache"
-    monkeypatch.setattr(faces, "hf_hub_download", lambda repo, name: hub[name])
-    monkeypatch.setattr(faces, "_verified", set())
-    hash_file.write_text(f"{crc:08x}")
-    assert faces.model_path("detector") == det
-
-    monkeypatch.setattr(faces, "_verified", set())
-    hash_file.write_text(f"{(crc + 1) % 2 ** 32:08x}")
-    with pytest.raises(RuntimeError, match="(?s)det.onnx.*CRC32.*Delete it"):
-        faces.model_path("detector")
+    data = open(det, "rb").read()
+    crc = zlib.crc32(data)
+    monkeypatch.setattr(faces.hf_constants, "HF_HUB_OFFLINE", True)  # any network use would raise MissingModel
+    cases = [("match", f"{crc:08x}"), ("no_hash", None), ("mismatch", f"{(crc + 1) % 2 ** 32:08x}")]
+    for case, hash_text in cases:
+        files = {"retinaface_10g.onnx": data} if hash_text is None else \
+            {"retinaface_10g.onnx": data, "retinaface_10g.hash": hash_text.encode()}
+        snapshot = hub_cache(tmp_path / case, files)
+        monkeypatch.setattr(faces.hf_constants, "HF_HUB_CACHE", str(tmp_path / case))
+        if case == "mismatch":
+            with pytest.raises(RuntimeError, match="(?s)retinaface_10g.onnx: CRC32.*Delete it"):
+                faces.model_path("detector")
+        else:
+            assert faces.model_path("detector") == str(snapshot / "retinaface_10g.onnx"), case

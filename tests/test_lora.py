@@ -1,12 +1,13 @@
 """
 LoRA injection, scaling, merging and files (lora.py), on small stand-in
-modules with the SD1.5 attribute paths, plus one interop check against
-diffusers + peft loading our files into their own UNet and CLIP text encoder.
+modules with the SD1.5 attribute paths; a training run's outputs saved and
+loaded on the tiny pipeline; plus one interop check against diffusers + peft
+loading our files into their own UNet and CLIP text encoder.
 Run: python -m pytest -q tests/test_lora.py
 """
 
 import os
-import sys
+import shutil
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import lora  # noqa: E402
+import lora
+from model import StableDiffusion
 
 D, CTX = 8, 6  # model width and text width of the stand-ins
 
@@ -132,6 +133,24 @@ def test_init_follows_official_code():
     assert 0.15 < std < 0.35, f"lora_A std {std}, expected about 0.25"
 
 
+def test_init_from_a_local_generator():
+    """inject(generator=...) draws lora_A from that generator alone: the same seed gives the same init,
+    and the global RNG is neither read nor advanced."""
+    inits = []
+    for global_seed in (1, 2):
+        unet, *_ = make_models()
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        lora.inject(unet, lora.PAPER_UNET, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(torch.get_rng_state(), state), "inject advanced the global RNG"
+        inits.append(torch.cat([m.lora_A.weight.flatten() for _, m in lora.lora_modules(unet)]))
+    assert torch.equal(*inits), f"max abs diff {maxdiff(*inits)} between two inits from the same generator seed"
+    unet, *_ = make_models()
+    lora.inject(unet, lora.PAPER_UNET, generator=torch.Generator().manual_seed(6))
+    other = torch.cat([m.lora_A.weight.flatten() for _, m in lora.lora_modules(unet)])
+    assert maxdiff(other, inits[0]) > 0.1, "another generator seed gave the same init"
+
+
 def test_inject_keeps_base_keys_and_parameters():
     """Base state_dict keys and Parameter objects stay; only lora_A/lora_B keys are added."""
     unet, *_ = make_models()
@@ -200,10 +219,9 @@ def test_scale_zero_gives_base_output():
     assert torch.equal(out, base), f"max abs diff {maxdiff(out, base)}"
 
 
-def test_merge_equals_unmerged_and_unmerge_restores():
-    """Merged forward equals the unmerged one, and unmerge gives the base weights back."""
+def test_merge_equals_unmerged():
+    """Merged forward equals the unmerged one at the scale set before merging; the scale is then fixed."""
     unet, te, x, c = make_models()
-    base_w = {k: v.clone() for k, v in unet.state_dict().items() if "lora" not in k}
     lora.inject(unet, lora.OFFICIAL_UNET, rank=4, alpha=8)
     randomise_b(unet)
     lora.set_scale(unet, 0.6)
@@ -211,14 +229,46 @@ def test_merge_equals_unmerged_and_unmerge_restores():
     lora.merge(unet)
     d = maxdiff(run(unet, te, x, c), ref)
     assert d < 1e-6, f"merged vs unmerged max abs diff {d}"
-    with pytest.raises(RuntimeError, match="unmerge"):
+    with pytest.raises(RuntimeError, match="set the scale before merge"):
         lora.set_scale(unet, 1.0)
-    lora.unmerge(unet)
-    sd = unet.state_dict()
-    worst = max((maxdiff(sd[k], v), k) for k, v in base_w.items())
-    assert worst[0] < 1e-6, f"weight {worst[1]} off by {worst[0]} after unmerge"
-    d = maxdiff(run(unet, te, x, c), ref)
-    assert d < 1e-6, f"after unmerge max abs diff {d}"
+
+
+def tiny_with_lora(text_encoder=True):
+    """The tiny pipeline with random LoRA (rank 4, alpha 2) on the UNet's cross-attention and,
+    if asked, the text encoder's attention."""
+    sd = StableDiffusion.tiny()
+    g = torch.Generator().manual_seed(0)
+    lora.inject(sd.unet, lora.PAPER_UNET, rank=4, alpha=2, generator=g)
+    if text_encoder:
+        lora.inject(sd.text_encoder, lora.OFFICIAL_TEXT_ENCODER, rank=4, alpha=2, generator=g)
+    randomise_b(sd.unet, sd.text_encoder)
+    return sd
+
+
+def draw(sd, prompt="a photo of <v1> person"):
+    return sd.sample([prompt], steps=2, height=64, width=64, seed=0)
+
+
+def test_merged_sampling_equals_unmerged():
+    """What sample.py does: a whole DDIM sample of the tiny pipeline with merged LoRA (UNet 0.6, text
+    encoder 0.9, set before merging) equals the unmerged one; scale 0 merged gives the base model."""
+    base = draw(StableDiffusion.tiny(), "a photo")
+    sd = tiny_with_lora()
+    lora.set_scale(sd.unet, 0.6)
+    lora.set_scale(sd.text_encoder, 0.9)
+    ref = draw(sd, "a photo")
+    assert maxdiff(ref, base) > 1e-2, f"the LoRA changes the image by only {maxdiff(ref, base)}"
+    lora.merge(sd.unet)
+    lora.merge(sd.text_encoder)
+    d = maxdiff(draw(sd, "a photo"), ref)
+    assert d < 1e-4, f"merged vs unmerged sample: max abs diff {d} (pixels in [0, 1])"
+    sd = tiny_with_lora()
+    lora.set_scale(sd.unet, 0.0)
+    lora.set_scale(sd.text_encoder, 0.0)
+    lora.merge(sd.unet)
+    lora.merge(sd.text_encoder)
+    d = maxdiff(draw(sd, "a photo"), base)
+    assert d < 1e-5, f"scale 0 merged vs base: max abs diff {d}"
 
 
 def test_save_load_round_trip(tmp_path):
@@ -331,3 +381,97 @@ def test_diffusers_loads_our_files(tmp_path):
         out = generate(pipe.unet, pipe.text_encoder)
         d = maxdiff(out, ref)
         assert d < 1e-5, f"{fmt}: diffusers output differs by {d} (LoRA effect {maxdiff(ref, base)})"
+
+
+# -----------------------------------------------------------------------------
+# a training run's outputs: save_result / load_result
+
+META = {"init_from": '"tiny"', "seed": "0"}
+
+
+def save_run(out, text_encoder=True):
+    """A tiny run saved with save_result: random LoRA and two learned tokens. Returns the trained sd and
+    the embeddings."""
+    sd = tiny_with_lora(text_encoder)
+    width = sd.text_encoder.text_model.embeddings.token_embedding.embedding_dim
+    embeds = {"<v1>": torch.randn(width), "<v2>": torch.randn(width)}
+    lora.save_result(str(out), sd.unet, sd.text_encoder if text_encoder else None, embeds, META)
+    return sd, embeds
+
+
+@pytest.mark.parametrize("target", ["", lora.LORA_FILE, lora.EMBEDS_FILE])
+def test_load_result_round_trip(tmp_path, target):
+    """load_result of the folder, or of either file, into a fresh tiny pipeline gives the saved tokens and
+    embeddings and the same image as the model that was saved, at the given UNet and text encoder scales."""
+    trained, embeds = save_run(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run")) == sorted([lora.EMBEDS_FILE, lora.LORA_FILE, lora.KOHYA_FILE])
+    sd = StableDiffusion.tiny()
+    tokens = lora.load_result(sd, str(tmp_path / "run" / target), scale=0.6, text_scale=0.9)
+    assert tokens == ["<v1>", "<v2>"]
+    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+    for token in tokens:
+        assert torch.equal(table[sd.tokenizer.tok.token_to_id(token)], embeds[token]), token
+    # the trained model, with the same tokens and scales
+    assert trained.tokenizer.add_tokens(tokens) == [sd.tokenizer.tok.token_to_id(t) for t in tokens]
+    trained.text_encoder.resize_token_embeddings(len(trained.tokenizer))
+    with torch.no_grad():
+        for token in tokens:
+            trained.text_encoder.text_model.embeddings.token_embedding.weight[
+                trained.tokenizer.tok.token_to_id(token)] = embeds[token]
+    lora.set_scale(trained.unet, 0.6)
+    lora.set_scale(trained.text_encoder, 0.9)
+    d = maxdiff(draw(sd), draw(trained))
+    assert d < 1e-5, f"loaded vs saved model: max abs diff {d}"
+
+
+def test_save_result_headers(tmp_path):
+    """Every file carries the run's metadata; the kohya header takes network_dim and network_alpha from
+    the LoRA modules (rank 4, alpha 2)."""
+    save_run(tmp_path)
+    for name in (lora.EMBEDS_FILE, lora.LORA_FILE):
+        with safe_open(tmp_path / name, "pt") as f:
+            assert f.metadata() == META, (name, f.metadata())
+    with safe_open(tmp_path / lora.KOHYA_FILE, "pt") as f:
+        meta = f.metadata()
+    assert meta == {"ss_network_module": "networks.lora", "ss_init_from": '"tiny"', "ss_seed": "0",
+                    "ss_network_dim": "4", "ss_network_alpha": "2"}, meta
+
+
+def test_embeddings_only_run(tmp_path):
+    """A run without LoRA (phase 2 of 0 steps) saves only its embeddings, removes LoRA files an earlier
+    run left in the folder, and loads its tokens into a model that stays without LoRA."""
+    save_run(tmp_path)  # an earlier run with LoRA in the same folder
+    sd = StableDiffusion.tiny()
+    embeds = {"<v1>": torch.randn(32), "<v2>": torch.randn(32)}
+    lora.save_result(str(tmp_path), sd.unet, None, embeds, META)
+    assert os.listdir(tmp_path) == [lora.EMBEDS_FILE]
+    sd = StableDiffusion.tiny()
+    assert lora.load_result(sd, str(tmp_path / lora.EMBEDS_FILE), scale=0.6, text_scale=0.9) == ["<v1>", "<v2>"]
+    assert not lora.lora_modules(sd.unet) and not lora.lora_modules(sd.text_encoder)
+
+
+def test_load_result_errors(tmp_path):
+    """A missing path, a folder without the embeddings, and a file that is neither of the two each raise
+    an error naming the path and what is expected."""
+    save_run(tmp_path / "run", text_encoder=False)
+    shutil.copy(tmp_path / "run" / lora.LORA_FILE, tmp_path / lora.LORA_FILE)  # a LoRA file without its embeddings
+    cases = [(FileNotFoundError, tmp_path / "nowhere", "nowhere: no such folder or file; expected a training run"),
+             (FileNotFoundError, tmp_path / "run" / "nowhere" / lora.LORA_FILE, "no such folder or file"),
+             (FileNotFoundError, tmp_path, f"{tmp_path} has no {lora.EMBEDS_FILE}"),
+             (FileNotFoundError, tmp_path / lora.LORA_FILE, f"{tmp_path} has no {lora.EMBEDS_FILE}"),
+             (ValueError, tmp_path / "run" / lora.KOHYA_FILE, "is not a training result; expected")]
+    for error, path, message in cases:
+        with pytest.raises(error) as e:
+            lora.load_result(StableDiffusion.tiny(), str(path))
+        assert message in str(e.value) and lora.EMBEDS_FILE in str(e.value), str(e.value)
+
+
+def test_load_lora_file_leaves_global_rng(tmp_path):
+    """Loading a LoRA file injects the layers it names without drawing from the global RNG."""
+    unet, *_ = make_models()
+    lora.inject(unet, lora.PAPER_UNET)
+    lora.save_lora_file(unet, None, tmp_path / lora.LORA_FILE)
+    unet2, _, _, _ = make_models()
+    state = torch.get_rng_state()
+    lora.load_lora_file(unet2, None, tmp_path / lora.LORA_FILE)
+    assert torch.equal(torch.get_rng_state(), state), "load_lora_file advanced the global RNG"

@@ -115,8 +115,21 @@ def test_schedule_matches_diffusers():
     x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
     assert torch.allclose(s.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), atol=1e-6)
     xt = s.add_noise(x0, noise, t)
-    from losses import predict_x0
-    assert torch.allclose(predict_x0(xt, noise, s.alphas_cumprod[t]), x0, atol=1e-3)
+    assert torch.allclose(s.predict_x0(xt, noise, t), x0, atol=1e-3)
+
+def test_predict_x0_inverts_add_noise():
+    """predict_x0 (eq. 7) recovers z0 from add_noise's z_t with the true eps, per-sample timesteps or one int."""
+    g = torch.Generator().manual_seed(0)
+    s = model.Schedule(model.ScheduleConfig())
+    z0, eps = (torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0, 500, 999])  # abar 0.9991, 0.28, 0.0047: both ends of the SD1.5 schedule
+    diff = (s.predict_x0(s.add_noise(z0, eps, t), eps, t) - z0).abs().max().item()
+    assert diff < 1e-10, f"max abs diff {diff:.2e}"
+    a = s.alphas_cumprod[981].item()
+    z_t = a ** 0.5 * z0 + (1 - a) ** 0.5 * eps
+    diff = (s.predict_x0(z_t, eps, 981) - z0).abs().max().item()
+    assert diff < 1e-6, f"int timestep: max abs diff {diff:.2e}"
+    assert s.predict_x0(z_t.bfloat16(), eps.float(), 981).dtype == torch.bfloat16  # the dtype of z_t
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_sample_matches_diffusers_pipeline(tiny_dir, eta):
@@ -192,6 +205,27 @@ def test_tokenizer_matches_transformers(tiny_dir):
     assert ours.add_tokens(["<v1>", "<v2>"]) == [n, n + 1]
     ref.add_tokens(["<v1>", "<v2>"])
     check(["a photo of <v1> person in the <v2> style", "<v1>,<v2>", "a <V1> face"])
+
+def test_check_length_warns_with_dropped_text(capsys):
+    """A prompt over 77 tokens is reported with the number of dropped tokens and their text; short ones are not."""
+    tok = model.tiny_tokenizer()
+    tok.check_length(["a photo of a person", "a " * 75])  # 75 words + BOS + EOS = 77: nothing dropped
+    assert capsys.readouterr().out == ""
+    long = "a photo of " + "a " * 72 + "man with red hair"  # BOS + 79 words + EOS: the last 4 words go
+    tok.check_length([long])
+    out = capsys.readouterr().out
+    assert "81 tokens" in out and "4 tokens are dropped: 'man with red hair'" in out, out
+    assert tok(long)[0, -1] == tok.eos_id  # truncation itself is unchanged: BOS + 75 + EOS
+
+def test_check_length_rejects_dropped_placeholder():
+    """A placeholder token past the 77-token limit is an error naming the prompt and the token."""
+    tok = model.tiny_tokenizer()
+    tok.add_tokens(["<v1>", "<v2>"])
+    tok.check_length(["a photo of <v1> " + "a " * 73])  # <v1> kept: no error
+    long = "a photo of <v1> " + "a " * 73 + "in the <v2> style"
+    with pytest.raises(ValueError, match="placeholder '<v2>'") as e:
+        tok.check_length(["a photo", long])
+    assert repr(long) in str(e.value)
 
 def test_tokenizer_rejects_existing_token(tiny_dir):
     """Adding a token already in the vocabulary is an error, not a silent alias."""
@@ -337,6 +371,17 @@ def test_bad_name_is_clear():
     """A name that is neither a folder, a repo id nor 'tiny' says what is expected."""
     with pytest.raises(FileNotFoundError, match="neither a folder nor a Hub repo id"):
         model.StableDiffusion.from_pretrained("./no/such/dir")
+
+def test_tiny_is_seeded_locally():
+    """tiny() leaves the global random state as it found it; the same seed gives the same weights."""
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = model.StableDiffusion.tiny()
+    assert torch.equal(torch.get_rng_state(), state), "tiny() changed the global RNG state"
+    b, c = model.StableDiffusion.tiny(), model.StableDiffusion.tiny(seed=1)
+    for name, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[name]), f"{name} differs between two tiny(seed=0)"
+    assert not torch.equal(a.unet.conv_in.weight, c.unet.conv_in.weight), "seed=1 gave seed 0's weights"
 
 def test_tiny_builds_on_first_use(tmp_path, monkeypatch):
     """init_from='tiny' builds and saves the tiny pipeline once, then loads it from disk."""

@@ -66,18 +66,16 @@ def test_tiles_exact_with_nearest(models, h, w, tile, overlap):
     assert diff.max() == 0, f"tiled != whole: max diff {diff.max()} at {np.argwhere(diff)[:3].tolist()}"
 
 def test_tiles_seamless_with_conv(models):
-    """With a 5x5 receptive field, 16 px of context make tiles equal one whole-image run (float, within
-    1e-3) everywhere; with no context the same comparison finds the seams, so the test can see them."""
+    """With a 5x5 receptive field, 16 px of context make tiles equal one whole-image run (to one 8-bit
+    level: float noise at a rounding edge) everywhere; with no context the same comparison finds the
+    seams, so the test can see them."""
     image = smooth_image(70, 2 * 32 + 1, seed=1)  # not a multiple of the tile, 1-pixel-wide last tile
     sess = faces.session(models["conv"])
-    whole = postprocess.tiled(sess, image, tile=10 ** 6, overlap=0, dtype=np.float32)
-    tiled = postprocess.tiled(sess, image, tile=32, overlap=16, dtype=np.float32)
-    diff = np.abs(tiled - whole)
-    assert diff.max() < 1e-3, f"seams: max {diff.max():.2e} mean {diff.mean():.2e}"
-    seams = np.abs(postprocess.tiled(sess, image, tile=32, overlap=0, dtype=np.float32) - whole)
-    assert seams.max() > 1e-2, f"no-context tiles should differ at the seams, max diff {seams.max():.2e}"
-    out = postprocess.upscale(image, scale=4, tile=32, overlap=16, model=models["conv"])  # uint8 path
-    assert np.abs(out.astype(np.float32) - whole * 255).max() <= 0.5 + 1e-3
+    whole = postprocess.tiled(sess, image, tile=10 ** 6, overlap=0).astype(int)
+    diff = np.abs(postprocess.tiled(sess, image, tile=32, overlap=16) - whole)
+    assert diff.max() <= 1, f"seams: max {diff.max()}, {(diff > 1).sum()} values off by more than one level"
+    seams = np.abs(postprocess.tiled(sess, image, tile=32, overlap=0) - whole)
+    assert seams.max() > 3, f"no-context tiles should differ at the seams, max diff {seams.max()}"
 
 def test_upscale_scale2(models):
     """scale=2 is the 4x result shrunk with area averaging: for nearest x4, the input repeated 2x2."""
@@ -169,6 +167,9 @@ def test_enhance_restores_on_the_upscaled_image(models, tmp_path, monkeypatch, c
     assert np.abs(out[100, 100].astype(int) - (0, 255, 0)).max() <= 1
     assert "restored 1 face (CodeFormer, weight 0.7)" in capsys.readouterr().out
 
+def cli(*args):
+    return subprocess.run([sys.executable, "postprocess.py", *args], cwd=ROOT, capture_output=True, text=True)
+
 def test_cli_writes_enhanced_png(models, tmp_path):
     """python postprocess.py a.png b.png --out_dir=... writes <name>_enhanced.png per input; --no_restore
     skips faces."""
@@ -179,10 +180,28 @@ def test_cli_writes_enhanced_png(models, tmp_path):
     common = [f"--upscaler={models['nearest']}", f"--restorer={models['green']}", f"--detector={det}", "--scale=2"]
     for args, said in ([str(tmp_path / "a.png"), str(tmp_path / "b.png")], "restored 1 face"), \
                       ([str(tmp_path / "a.png"), "--no_restore"], "upscaled 80x60 -> 160x120"):
-        r = subprocess.run([sys.executable, "postprocess.py", *args, f"--out_dir={tmp_path / 'out'}", *common],
-                           cwd=ROOT, capture_output=True, text=True)
+        r = cli(*args, f"--out_dir={tmp_path / 'out'}", *common)
         assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr
     b = np.asarray(Image.open(tmp_path / "out" / "b_enhanced.png"))
     a = np.asarray(Image.open(tmp_path / "out" / "a_enhanced.png"))  # written again with --no_restore
     assert a.shape == b.shape == (120, 160, 3)
     assert (b[60, 80] == (0, 255, 0)).all() and (a[60, 80] != (0, 255, 0)).any()
+
+@pytest.mark.parametrize("args,message", [
+    (["a.png", "--wieght=0.7"], "unknown setting 'wieght'; did you mean 'weight'"),
+    (["a.png", "--CROP=256"], "unknown setting 'CROP'"),  # a constant, not a setting
+    (["--weight=0.7"], "no image given"),
+    (["missing.png"], "missing.png: no such file"),
+])
+def test_cli_errors(args, message):
+    """The command line's settings are the module's globals: typos are named, constants are not settings,
+    and no image or a missing one stops with a message."""
+    r = cli(*args)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+
+def test_cli_help_lists_settings():
+    """--help prints the module docstring and the settings, with the value given before it."""
+    r = cli("--weight=0.7", "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "python postprocess.py" in r.stdout and "  weight = 0.7    (default 0.5)" in r.stdout, r.stdout
+    assert "  tile = 256\n" in r.stdout and "CROP" not in r.stdout, r.stdout
