@@ -188,6 +188,20 @@ def to_tensor(im):
     a = np.asarray(im, dtype=np.float32) / 255.0
     return torch.from_numpy(a[..., None] if a.ndim == 2 else a).permute(2, 0, 1).contiguous()
 
+def color_jitter(image, strength, generator):
+    """torchvision's ColorJitter(brightness=strength, contrast=strength), as the official data set applies
+    it (0.1): each factor uniform in [1 - strength, 1 + strength], the two in a random order, clamped to
+    the image range. image: (3, H, W) in [-1, 1]; randomness from `generator`, so a resumed run repeats it."""
+    x = image / 2 + 0.5
+    factors = 1 + strength * (2 * torch.rand(2, generator=generator) - 1)
+    for op in torch.randperm(2, generator=generator).tolist():
+        if op == 0:  # brightness: blend with black
+            x = (x * factors[0]).clamp(0, 1)
+        else:  # contrast: blend with the mean grey level (ITU-R 601 luma, as torchvision)
+            grey = (0.2989 * x[0] + 0.587 * x[1] + 0.114 * x[2]).mean()
+            x = ((x - grey) * factors[1] + grey).clamp(0, 1)
+    return x * 2 - 1
+
 def save_overlay(photo, mask, path):
     """The photo with its mask tinted red, so a user can check what counts as the face."""
     img = (photo.image + 1) / 2

@@ -26,13 +26,30 @@ def masked_mse(pred, target, mask):
 
 
 def identity_loss(emb, emb_ref):
-    """Eq. 7: L_id = 1 - cos(R(B(x0_hat)), R(B(I_s))), averaged over the batch (x0_hat: model.py's
-    Schedule.predict_x0).
+    """Eq. 7: L_id = 1 - cos(R(B(x0_hat)), R(B(I_s))), per sample (x0_hat: model.py's Schedule.predict_x0).
 
-    emb, emb_ref: (B, D) face embeddings (ArcFace), not necessarily normalised.
-    Same value as the official torch CosineEmbeddingLoss with target 1.
+    emb, emb_ref: (B, D) face embeddings (ArcFace), not necessarily normalised. Returns (B,): the
+    caller weighs each sample into eq. 10 (total_loss). Same value as the official torch
+    CosineEmbeddingLoss with target 1.
     """
-    return (1 - F.cosine_similarity(emb, emb_ref, dim=-1)).mean()
+    return 1 - F.cosine_similarity(emb, emb_ref, dim=-1)
+
+
+def total_loss(recon, attn, ident, weight, lambda_attn, lambda_id):
+    """Eq. 10, weighted as the official script's steps add it up: each task x (source, reference or
+    composed sample) contributes weight_x * L_x + lambda_attn * L_attn,x + lambda_id * L_id,x, and the
+    tasks of a batch are averaged:
+
+        L = (1 / N) sum_x [ w_x L_x + lambda_attn A_x + lambda_id I_x ]
+
+    recon, attn, ident, weight: (N,) per task; attn and ident are 0 for a task without the term (no
+    attention refocusing in phase 1, no identity loss on a reference sample or where no face was found).
+    The official script draws one task per step and adds exactly that task's three terms, with the paper's
+    lambda_attn 2.5 and lambda_id tuned for it; the mean over tasks keeps those relative weights for a
+    batch that holds one of each. weight: the official style_boost (x2 on the reference and composed
+    reconstruction in each phase's first half), 1 otherwise.
+    """
+    return (weight * recon + lambda_attn * attn + lambda_id * ident).mean()
 
 
 def _scaled_maps(maps, size):
@@ -53,22 +70,26 @@ def _scaled_maps(maps, size):
     return torch.cat(out, dim=1)
 
 
-def attention_refocus(maps, masks):
-    """Eq. 8: L_attn = E_k || (S(A_k) - M_k) * not(M_k) ||^2, aggregated as the official code does.
+def attention_refocus(maps, masks, present=None):
+    """Eq. 8: L_attn = E_k || (S(A_k) - M_k) * not(M_k) ||^2, per sample, aggregated as the official code does.
 
     maps: list over recorded cross-attention layers of (B, heads, h, w, K)
     softmax probabilities of the K placeholder tokens, with gradient.
     masks: (B, K, H, W), the region each token may attend to
-    ([V1] -> face, [V2] -> non-face). Each scaled map is set to 1 inside its
+    ([V1] -> face, [V2] -> non-face). present: (B, K) bool, which tokens each
+    sample's prompt holds (None: all). Each scaled map is set to 1 inside its
     mask (official: where mask >= 0.5), the maps are averaged over layers and
-    heads, and the squared error against the mask is averaged over batch,
-    tokens and pixels; so only attention outside the mask costs anything.
-    (The official code sums over the batch instead; its batch is 1.)
+    heads, and the squared error against the mask is averaged over pixels, so
+    only attention outside the mask costs anything. Returns (B,): the mean
+    over the tokens present in each sample's prompt (E_k), as the official code
+    averages over the placeholders of its prompt; absent tokens cost nothing.
     """
     s = _scaled_maps(maps, masks.shape[-2:])  # (B, L*heads, K, H, W)
     m = masks.float()
     s = torch.where(m[:, None] >= 0.5, 1.0, s)
-    return ((s.mean(dim=1) - m) ** 2).mean()
+    per_token = ((s.mean(dim=1) - m) ** 2).mean(dim=(-2, -1))  # (B, K)
+    present = torch.ones_like(per_token) if present is None else present.float()
+    return (per_token * present).sum(dim=1) / present.sum(dim=1).clamp_min(1)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ LoRA on the UNet and trains with composed prompts and attention refocusing.
 Paper: Hyung, Shin, Choo, "MagiCapture", AAAI 2024 (equations cited below).
 """
 
+import copy
 import glob
 import json
 import os
@@ -23,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import data
 import lora
 from configurator import check_choice, check_device, configure
-from losses import attention_outside, attention_refocus, identity_loss, masked_mse
+from losses import attention_outside, attention_refocus, identity_loss, masked_mse, total_loss
 from model import DTYPES, AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
@@ -63,27 +65,43 @@ lora_alpha = 4.0                 # W' = W + U V^T: alpha = rank, no extra scalin
 lora_targets = lora.PAPER_UNET   # paper: the cross-attention projections
 lora_text_encoder = False        # official script: also LoRA on the text encoder's attention
 lr_lora_text = 1e-4
-# loss (paper eq. 4-8)
+# loss (paper eq. 4-8, weighed as eq. 10: losses.total_loss)
 composed = True                  # L_mask^c on; False = the paper's "w/o CP" ablation
 lambda_attn = 2.5                # eq. 8 weight; 0 = the paper's "w/o AR" ablation
 lambda_id = 1.0                  # eq. 7 weight (paper 1.0; official script 0.25)
 t_id_max = 800                   # official code: the identity loss draws its own t < 800 (paper: T' < T)
+phase2_t_max = 1000              # phase-2 timesteps t < this in every pass (paper: uniform over all T = 1000;
+                                 # official t_mutliplier 0.8: 800)
 attn_resolutions = (16,)         # feature-map sides recorded for eq. 8 (official: 16x16 at 512 px)
 style_boost = 1.0                # official code: 2.0 on the style and composed losses in each phase's first half
+id_target = "mean"               # eq. 7's R(B(I_s)): "mean" of all source photos' embeddings, or "own" (official):
+                                 # a source sample's own photo, a composed sample its paired source photo
+id_decode_fp32 = False           # official: decode x0_hat in fp32 and clamp it to the image range before the
+                                 # detector and ArcFace (False: the compute dtype, unclamped)
+latent_mask = "bilinear"         # masks to latent size: "bilinear" (soft edges), or "nearest" (official: hard
+                                 # edges, then (m + 0.01) / max, a 1% weight left outside the region)
 # faces: "" takes the file from the Hub repo facefusion/models-3.0.0 (InsightFace detector and ArcFace,
 # BiSeNet parser); or a local .onnx
 detector_model = ""
 recognizer_model = ""
 parser_model = ""
-face_crop = True                 # crop each photo to a square around its largest face before resizing
-face_margin = 1.0                # crop side = face size * (1 + 2 * face_margin), as far as the photo allows
+source_face_crop = False         # crop each source photo to a square around its face before resizing; off, each
+                                 # photo is centre-cropped whole (official dataset.py). References always are:
+                                 # their framing, clothes and background are what <v2> and eq. 6 learn from
+face_margin = 1.0                # source_face_crop's side = face size * (1 + 2 * face_margin), as far as it fits
 mask_classes = tuple(range(1, 14))  # BiSeNet classes of the paper's face region: skin, brows, eyes, glasses,
                                     # ears, earring, nose, mouth, lips (add 17 for hair)
 min_mask_fraction = 0.005        # a face mask must cover more than this and less than 1 - this of its photo
+hflip = False                    # official: flip each sample horizontally with probability 1/2 (faces are not
+                                 # symmetric, so off in the paper's settings)
+color_jitter = 0.0               # official: ColorJitter(brightness=0.1, contrast=0.1) on each sample
 # optimisation
 grad_accum = 4                   # paper: batch 1, gradient accumulation 4
 weight_decay = 1e-3              # AdamW, on LoRA (official); embeddings have none
-grad_clip = 1.0
+grad_clip = 1.0                  # max gradient norm (official: 1.0)
+grad_clip_phase1 = True          # also clip in phase 1 (official: phase 2 only)
+clip_ti_decay = False            # official --clip_ti_decay: after each phase-1 step, pull the norms of <v1> and <v2>
+                                 # toward 0.4 by min(1, 100 * lr)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bf16" if torch.cuda.is_available() else "fp32"  # compute dtype of the frozen parts: fp32, bf16, fp16
 gradient_checkpointing = False
@@ -99,6 +117,8 @@ overwrite = False                # delete the run in out_dir (checkpoints, sampl
 # -----------------------------------------------------------------------------
 config = configure(globals())
 check_choice("dtype", dtype, DTYPES)
+check_choice("id_target", id_target, ("mean", "own"))
+check_choice("latent_mask", latent_mask, ("bilinear", "nearest"))
 device = check_device(device)
 if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and phase1_steps + phase2_steps > 0
                             and grad_accum >= 1 and keep_checkpoints >= 1):
@@ -106,6 +126,8 @@ if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and phase1_s
                      "keep_checkpoints >= 1")
 if resolution % 64:
     raise SystemExit(f"resolution must be a multiple of 64, got {resolution}")
+if not (1 < t_id_max <= 1000 and 0 < phase2_t_max <= 1000):
+    raise SystemExit(f"t_id_max must be in 2..1000 and phase2_t_max in 1..1000, got {t_id_max} and {phase2_t_max}")
 if not 0 <= min_mask_fraction < 0.5:
     raise SystemExit(f"min_mask_fraction must be in [0, 0.5), got {min_mask_fraction}")
 if resume and overwrite:
@@ -171,12 +193,13 @@ sources = data.load_folder(source_dir)
 references = data.load_folder(reference_dir)
 photos = sources + references
 unmasked = [p.path for p in photos if p.mask_photo is None]
-need = {"detector": face_crop or lambda_id > 0 or bool(unmasked),
+need = {"detector": source_face_crop or lambda_id > 0 or bool(unmasked),
         "parser": bool(unmasked), "recognizer": lambda_id > 0}
 face_files = {}  # kind -> local .onnx path
 if any(need.values()):
     import faces
-    why = [w for w, on in (("face crops (face_crop=True)", face_crop), ("the identity loss (lambda_id > 0)", lambda_id > 0),
+    why = [w for w, on in (("face crops (source_face_crop=True)", source_face_crop),
+                           ("the identity loss (lambda_id > 0)", lambda_id > 0),
                            (f"masks of {len(unmasked)} photos without <name>_mask.png", unmasked)) if on]
     print(f"face models needed for {', '.join(why)}")
     try:
@@ -228,7 +251,8 @@ def face_in_crop(face, square):
 if "detector" in face_files:
     find_faces(photos)
 for p in photos:
-    data.crop(p, data.square_around(p.photo.size, p.face.box if face_crop else None, face_margin), resolution)
+    around = p.face.box if source_face_crop and p in sources else None  # None: the whole photo, centred
+    data.crop(p, data.square_around(p.photo.size, around, face_margin), resolution)
     if p.face is not None:
         p.face = face_in_crop(p.face, p.square)
     if p.mask is None:  # the paper's face region from the parser, inside the detected box
@@ -286,27 +310,35 @@ except ValueError as e:
 
 # the photos as the VAE sees them: posterior mean and std (cached), masks at latent size
 @torch.no_grad()
-def encode(group):
-    x = torch.stack([p.image for p in group]).to(device, ptdtype)
-    mean, logvar = sd.vae.encode(x)
+def encode(images):
+    mean, logvar = sd.vae.encode(images.to(device, ptdtype))
     return mean.float(), (0.5 * logvar.float()).exp()
 
-def latent_masks(group):
-    m = torch.stack([p.mask for p in group])
-    return torch.nn.functional.interpolate(m, size=(resolution // 8,) * 2, mode="bilinear").to(device)
+def to_latent(m):
+    """(N, 1, R, R) masks -> (N, 1, R/8, R/8). The official code takes the nearest pixel and then
+    (m + 0.01) / max, which leaves hard edges and a 1% weight outside the region; bilinear leaves soft
+    edges (the mean of each 8x8 block's 4 central pixels) and exactly 0 outside."""
+    size = (resolution // 8,) * 2
+    if latent_mask == "nearest":
+        m = F.interpolate(m, size=size, mode="nearest") + 0.01
+        return (m / m.amax(dim=(1, 2, 3), keepdim=True)).to(device)
+    return F.interpolate(m, size=size, mode="bilinear").to(device)
 
-src_mean, src_std = encode(sources)
-ref_mean, ref_std = encode(references)
-src_face = latent_masks(sources)   # M_s of eq. 4
-ref_face = latent_masks(references)
-ref_rest = 1 - ref_face            # M_r of eq. 5-6: everything but the face
+src_mean, src_std = encode(torch.stack([p.image for p in sources]))
+ref_mean, ref_std = encode(torch.stack([p.image for p in references]))
+src_face = to_latent(torch.stack([p.mask for p in sources]))          # M_s of eq. 4
+ref_face = to_latent(torch.stack([p.mask for p in references]))       # <v1>'s region on a reference (eq. 8)
+ref_rest = to_latent(1 - torch.stack([p.mask for p in references]))   # M_r of eq. 5-6: everything but the face
 
-if lambda_id > 0:  # the ArcFace eq. 7 backpropagates through, and the target identity R(B(I_s))
+if lambda_id > 0:  # the ArcFace eq. 7 backpropagates through, and each source photo's identity R(B(I_s))
     arcface = faces.arcface_torch(face_files["recognizer"]).to(device).eval().requires_grad_(False)
     with torch.no_grad():
         crops = faces.arcface_crop(torch.stack([p.image for p in sources]).float().to(device),
                                    [p.face.landmarks for p in sources])
-        src_id = torch.nn.functional.normalize(torch.nn.functional.normalize(arcface(crops), dim=-1).mean(0), dim=-1)
+        src_ids = F.normalize(arcface(crops), dim=-1)  # (N, 512), one per source photo
+        src_id = F.normalize(src_ids.mean(0), dim=-1)  # their mean identity
+    # id_decode_fp32: the official code decodes x0_hat with its fp32 VAE; ours may be bf16, so keep an fp32 copy
+    id_vae = copy.deepcopy(sd.vae).float() if id_decode_fp32 and ptdtype != torch.float32 else sd.vae
 
 # -----------------------------------------------------------------------------
 # one micro-step: a source and a reference photo, the prompts of the phase, the loss terms
@@ -330,71 +362,101 @@ class Task:
     loss_mask: torch.Tensor  # (1, h, w): where the noise prediction is compared
     attn_masks: tuple     # the region <v1> and <v2> may attend to (eq. 8); None for a token not in the prompt
     weight: float         # style_boost on r and c in the first half of a phase (official code)
+    source: int | None    # the source photo whose identity eq. 7 asks for (s and c); None: no identity term
+
+augment = hflip or color_jitter > 0
+
+@torch.no_grad()
+def view(group, i, mean, std, masks):
+    """Photo i of a group as a latent (a sample of the VAE posterior, scaled as the UNet sees it) with its
+    masks at latent size: the cached encoding, or with hflip / color_jitter a freshly augmented and
+    encoded copy, the official data set's augmentation drawn anew each time."""
+    masks = [m[i] for m in masks]
+    if augment:
+        image = group[i].image
+        if color_jitter > 0:
+            image = data.color_jitter(image, color_jitter, gen)
+        if hflip and torch.rand(1, generator=gen).item() < 0.5:  # the masks follow the flip
+            image, masks = image.flip(-1), [m.flip(-1) for m in masks]
+        (mean,), (std,) = encode(image[None])
+    else:
+        mean, std = mean[i], std[i]
+    return (mean + std * rand(*mean.shape)) * scale_factor, masks
 
 def draw_tasks(phase, boost):
     s, r = pick(len(sources)), pick(len(references))
-    zs = (src_mean[s] + src_std[s] * rand(*src_mean[s].shape)) * scale_factor  # a sample of the posterior
-    zr = (ref_mean[r] + ref_std[r] * rand(*ref_mean[r].shape)) * scale_factor
-    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), src_face[s], (src_face[s], None), 1.0),
-             Task("r", zr, prompt(reference_templates, tokens[1]), ref_rest[r], (None, ref_rest[r]), boost)]
-    if phase == 2 and composed:  # the reference photo is the pseudo-label for all but the face
-        tasks.append(Task("c", zr, prompt(composed_templates, *tokens), ref_rest[r], (ref_face[r], ref_rest[r]), boost))
+    zs, (face_s,) = view(sources, s, src_mean, src_std, [src_face])
+    zr, (face_r, rest_r) = view(references, r, ref_mean, ref_std, [ref_face, ref_rest])
+    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), face_s, (face_s, None), 1.0, s),
+             Task("r", zr, prompt(reference_templates, tokens[1]), rest_r, (None, rest_r), boost, None)]
+    if phase == 2 and composed:  # the reference photo is the pseudo-label for all but the face; s its identity
+        tasks.append(Task("c", zr, prompt(composed_templates, *tokens), rest_r, (face_r, rest_r), boost, s))
     return tasks
 
 def micro_step_losses(phase, boost):
-    """The phase's loss for one micro-step -> (total, {term: value}, identity samples without a face)."""
+    """The phase's loss for one micro-step, eq. 10 over its tasks -> (total, {term: value} for the log,
+    number of identity samples without a detected face, or None when there is no identity term)."""
     tasks = draw_tasks(phase, boost)
     z0 = torch.stack([task.latent for task in tasks])
     noise = rand(*z0.shape)
-    t = torch.randint(T, (len(tasks),), generator=gen).to(device)
+    t = torch.randint(phase2_t_max if phase == 2 else T, (len(tasks),), generator=gen).to(device)
     text_ids = sd.tokenizer([task.prompt for task in tasks]).to(device)
     record = phase == 2 and lambda_attn > 0
     rec = AttentionRecorder(text_ids, ids, attn_resolutions if record else ())  # () records nothing
     with autocast, sd.unet.record_attention(rec):
         context = sd.text_encoder(text_ids)
         pred = sd.unet(sd.schedule.add_noise(z0, noise, t), t, context)
-    terms, total = {}, 0.0
-    for i, task in enumerate(tasks):  # eq. 4 (s), 5 (r), 6 (c)
-        terms[task.name] = masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])
-        total = total + task.weight * terms[task.name]
+    recon = torch.stack([masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])  # eq. 4 (s), 5 (r), 6 (c)
+                         for i, task in enumerate(tasks)])
+    attn, ident = torch.zeros_like(recon), torch.zeros_like(recon)
+    terms = {task.name: recon[i] for i, task in enumerate(tasks)}
     if record:
         if not rec.maps:
             raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at "
                              f"resolution {resolution}; pick sides of the UNet's feature maps")
-        # a token absent from a prompt gets an all-ones mask: nothing is outside, so it costs nothing
-        ones = torch.ones_like(src_face[0])
-        masks = torch.stack([torch.stack([m if m is not None else ones for m in task.attn_masks]) for task in tasks])
-        terms["attn"] = attention_refocus(rec.maps, masks[:, :, 0])  # eq. 8
-        total = total + lambda_attn * terms["attn"]
+        present = torch.tensor([[m is not None for m in task.attn_masks] for task in tasks], device=device)
+        absent = torch.zeros_like(src_face[0])  # a placeholder slot the prompt lacks: masked out by `present`
+        masks = torch.stack([torch.stack([absent if m is None else m for m in task.attn_masks]) for task in tasks])
+        attn = attention_refocus(rec.maps, masks[:, :, 0], present)  # eq. 8, one value per task
+        terms["attn"] = attn.mean()
     missed = None
     if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
-        sel = [i for i, task in enumerate(tasks) if task.name in ("s", "c")]
-        term, missed = identity_term(z0[sel], noise[sel], context[sel])
-        if term is not None:
-            terms["id"] = term
-            total = total + lambda_id * term
-    return total, terms, missed
+        sel = [i for i, task in enumerate(tasks) if task.source is not None]
+        owners = [tasks[i].source for i in sel]
+        targets = src_ids[owners] if id_target == "own" else src_id.expand(len(sel), -1)
+        values, found = identity_term(z0[sel], noise[sel], context[sel], targets)
+        ident[sel] = values
+        missed = len(sel) - len(found)
+        if found:
+            terms["id"] = values[found].mean()
+    weight = torch.tensor([task.weight for task in tasks], device=recon.device)
+    return total_loss(recon, attn, ident, weight, lambda_attn, lambda_id), terms, missed  # eq. 10
 
-def identity_term(z0, noise, context):
+def identity_term(z0, noise, context, targets):
     """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
-    cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to the
-    source identity -> (loss or None, number of samples in which no face was found and so skipped)."""
-    t_id = torch.randint(1, t_id_max, (len(z0),), generator=gen).to(device)
+    cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to each
+    sample's target identity -> ((B,) values, 0 where no face was found; the indices where one was)."""
+    t_id = torch.randint(1, min(t_id_max, phase2_t_max), (len(z0),), generator=gen).to(device)
     z_t = sd.schedule.add_noise(z0, noise, t_id)
     with autocast:
         eps = sd.unet(z_t, t_id, context)
-        z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t_id)
-        images = sd.vae.decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
-    keep, landmarks = [], []
+    z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t_id)
+    if id_decode_fp32:  # as the official code: fp32, then clamped to the image range
+        images = id_vae.decode(z0_hat / scale_factor).float().clamp(-1, 1)
+    else:
+        with autocast:
+            images = sd.vae.decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
+    found, landmarks = [], []
     for i, image in enumerate(images):
-        found = faces.detect(data.to_uint8(image / 2 + 0.5), model=face_files["detector"])
-        if found:
-            keep.append(i)
-            landmarks.append(faces.largest(found).landmarks)
-    if not keep:
-        return None, len(images)
-    emb = arcface(faces.arcface_crop(images[keep], landmarks))
-    return identity_loss(emb, src_id.expand(len(keep), -1)), len(images) - len(keep)
+        faces_found = faces.detect(data.to_uint8(image / 2 + 0.5), model=face_files["detector"])
+        if faces_found:
+            found.append(i)
+            landmarks.append(faces.largest(faces_found).landmarks)
+    values = torch.zeros(len(images), device=images.device)
+    if found:
+        emb = arcface(faces.arcface_crop(images[found], landmarks))
+        values[found] = identity_loss(emb, targets[found])
+    return values, found
 
 # -----------------------------------------------------------------------------
 # validation: fixed seeds, the four prompts, and how much each token attends outside its region
@@ -447,6 +509,13 @@ def setup_phase(phase):
     if lora_text_encoder:
         groups.append(dict(params=lora.lora_parameters(sd.text_encoder), lr=lr_lora_text, weight_decay=weight_decay))
     return make_optimizer(groups, phase2_steps)
+
+@torch.no_grad()
+def pull_norms_toward(target, lam):
+    """The official --clip_ti_decay: move each placeholder embedding's norm a fraction lam of the way to
+    target, keeping its direction (official: target 0.4, lam = min(1, 100 * lr) after each phase-1 step)."""
+    norm = embeds.norm(dim=-1, keepdim=True)
+    embeds.copy_(F.normalize(embeds, dim=-1) * (norm + lam * (target - norm)))
 
 def make_optimizer(groups, steps):
     opt = torch.optim.AdamW(groups)
@@ -555,9 +624,12 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 missed = (missed or 0) + skipped
             scaler.scale(total / grad_accum).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+        if phase == 2 or grad_clip_phase1:
+            torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
         scaler.step(opt)
         scaler.update()
+        if phase == 1 and clip_ti_decay:
+            pull_norms_toward(0.4, min(1.0, 100 * sched.get_last_lr()[0]))
         sched.step()
         opt.zero_grad(set_to_none=True)
 

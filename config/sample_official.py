@@ -1,8 +1,10 @@
-# Draw as the official MagiCapture inference script does: Euler ancestral, 50 steps, guidance 7,
-# LoRA scale 0.6 on the UNet and 0.9 on the text encoder, then CodeFormer (w 0.5) with a 2x upscale.
-# python sample.py config/sample_official.py --lora=out/portrait_official --prompt="a photo of <v1> person in the <v2> style"
+# Draw as the official MagiCapture inference script does (inference_magicapture.py): its prompt,
+# Euler ancestral, 50 steps, guidance 7, LoRA scale 0.6 on the UNet and 0.9 on the text encoder,
+# then CodeFormer (w 0.5) with a 2x upscale.
+# python sample.py config/sample_official.py --lora=out/portrait_official
 init_from = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 variant = "fp16"
+prompt = "a photo of a <v1> person with style <v2>"  # official: "A photo of a <sks> person with style <style1>"
 sampler = "euler_a"
 steps = 50
 guidance = 7.0

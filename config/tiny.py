@@ -8,7 +8,6 @@ synthetic_data = True
 out_dir = "out/tiny"
 resolution = 128                 # latents 16x16: feature maps 16, 8, 4, 2 (SD1.5 at 512 px: 64, 32, 16, 8)
 attn_resolutions = (8,)
-face_crop = False                # no face models in the tiny run: the drawn data brings its masks
 lambda_id = 0.0
 phase1_steps = 40
 phase2_steps = 80

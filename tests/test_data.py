@@ -284,3 +284,18 @@ def test_synthetic_set_loads_without_warnings(tmp_path, capsys):
     items = load(str(tmp_path / "src"))
     assert len(items) == 2 and all(i.mask is not None for i in items)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_color_jitter_is_torchvisions_brightness_and_contrast():
+    """color_jitter: brightness scales, contrast blends with the mean grey, factors within 1 +- strength, the
+    result clamped to the image range, repeated exactly by the same generator, the identity at strength 0."""
+    flat = torch.full((3, 8, 8), 0.2)  # a flat image: contrast cannot change it, brightness scales it
+    for seed in range(20):
+        out = data.color_jitter(flat * 2 - 1, 0.1, torch.Generator().manual_seed(seed)) / 2 + 0.5
+        ratio = (out / 0.2).unique()
+        assert len(ratio) == 1 and 0.9 - 1e-6 <= ratio.item() <= 1.1 + 1e-6, ratio
+    img = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a = data.color_jitter(img, 0.5, torch.Generator().manual_seed(3))
+    b = data.color_jitter(img, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1 and not torch.equal(a, img)
+    assert torch.allclose(data.color_jitter(img, 0.0, torch.Generator()), img, atol=1e-6)

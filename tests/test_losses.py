@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_losses.py
 
 import math
 
+import pytest
 import torch
 
 import losses
@@ -45,11 +46,22 @@ def test_masked_mse_soft_mask_follows_equation():
 
 
 def test_identity_loss_is_one_minus_cosine():
-    """Eq. 7: 1 - cos between embeddings: 0 for parallel, 1 for orthogonal, averaged over the batch."""
+    """Eq. 7: 1 - cos between embeddings, per sample: 0 for parallel, 1 for orthogonal."""
     emb = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     ref = torch.tensor([[3.0, 0.0], [1.0, 0.0]])
-    got = losses.identity_loss(emb, ref).item()
-    assert math.isclose(got, (0.0 + 1.0) / 2, abs_tol=1e-6), f"got {got}"
+    got = losses.identity_loss(emb, ref).tolist()
+    assert got == pytest.approx([0.0, 1.0], abs=1e-6), f"got {got}"
+
+
+def test_total_loss_hand_values():
+    """Eq. 10: per task w*L + 2.5*A + lambda_id*I, averaged over the tasks."""
+    recon = torch.tensor([0.2, 0.4, 0.6])    # s, r, c
+    attn = torch.tensor([0.1, 0.02, 0.04])
+    ident = torch.tensor([0.5, 0.0, 0.3])    # no identity term on the reference sample
+    weight = torch.tensor([1.0, 2.0, 2.0])   # style boost on r and c
+    expected = ((0.2 + 2.5 * 0.1 + 0.25 * 0.5) + (2 * 0.4 + 2.5 * 0.02) + (2 * 0.6 + 2.5 * 0.04 + 0.25 * 0.3)) / 3
+    got = losses.total_loss(recon, attn, ident, weight, lambda_attn=2.5, lambda_id=0.25).item()
+    assert math.isclose(got, expected, rel_tol=1e-6), f"got {got}, expected {expected}"
 
 
 def _one_map(values):
@@ -111,10 +123,22 @@ def test_attention_refocus_zero_when_attention_inside():
     assert outside.abs().max() == 0, f"attention_outside {outside.tolist()}"
 
 
+def test_attention_refocus_averages_present_tokens_only():
+    """Each sample's value is the mean over the tokens its prompt holds: an absent token neither costs nor
+    dilutes (a source prompt has only <v1>, a composed one both)."""
+    two_tokens = torch.cat([_one_map([[0.1, 0.3], [0.5, 0.9]]), _one_map([[0.9, 0.1], [0.1, 0.1]])], dim=-1)
+    maps = [torch.cat([two_tokens, two_tokens])]  # one layer: two samples, one head, 2x2, two tokens
+    masks = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).reshape(1, 1, 2, 2).expand(2, 2, 2, 2)
+    # token 0 as in test_attention_refocus_hand_value: 1.3125 / 4; token 1 scaled [[1, 0], [0, 0]] -> 0
+    present = torch.tensor([[True, False], [True, True]])
+    got = losses.attention_refocus(maps, masks, present).tolist()
+    assert got == pytest.approx([1.3125 / 4, 1.3125 / 8], rel=1e-6), f"got {got}"
+
+
 def test_attention_refocus_gradient_only_outside():
     """The gradient w.r.t. the maps is zero inside each token's mask and nonzero outside."""
     maps, masks = _two_token_setup()
-    losses.attention_refocus(maps, masks).backward()
+    losses.attention_refocus(maps, masks).sum().backward()
     region = masks.permute(0, 2, 3, 1)[:, None].expand_as(maps[0]).bool()  # (1, heads, 4, 4, 2)
     for i, a in enumerate(maps):
         g_in, g_out = a.grad[region], a.grad[~region]

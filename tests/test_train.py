@@ -38,7 +38,8 @@ def run_in_process(cache, monkeypatch, out, *args):
     monkeypatch.setattr(sys, "argv", ["train.py", "config/tiny.py", f"--out_dir={out}", "--synthetic_data=False",
                                       f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}",
                                       *FAST, *args])
-    return runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    copy = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    return copy["micro_step_losses"].__globals__  # the script's own namespace: changes to it reach its functions
 
 def log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -119,6 +120,25 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
             assert torch.equal(a[k], b[k]), f"{name}:{k} max diff {(a[k] - b[k]).abs().max()}"
     assert [r["step"] for r in log(part)] == [1, 2, 3, 4, 5, 6]
     assert len(os.listdir(part / "checkpoints")) == len(os.listdir(full / "checkpoints"))
+
+def test_resume_with_augmentation_is_bit_identical(cache, run, tmp_path):
+    """hflip and color_jitter (official) draw from the run's one generator: a resumed run repeats them and ends
+    bit-identical; and they do change training."""
+    aug = [*SHARED, "--hflip=True", "--color_jitter=0.1"]
+    full = tmp_path / "aug"
+    r = train(cache, full, *aug)
+    assert r.returncode == 0, r.stderr[-3000:]
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for name in os.listdir(part / "checkpoints"):
+        if int(name[4:10]) > 4:
+            os.remove(part / "checkpoints" / name)
+    r = train(cache, part, *aug, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(str(full / "pytorch_lora_weights.safetensors")), load_file(str(part / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = load_file(str(run[0] / "pytorch_lora_weights.safetensors"))
+    assert any(not torch.equal(a[k], plain[k]) for k in a)
 
 def test_a_finished_run_is_kept_unless_overwrite(cache, run, tmp_path):
     """Starting again in an out_dir that holds a run stops and changes nothing; --overwrite clears the old
@@ -268,7 +288,7 @@ def test_faces_crop_and_automatic_masks(cache, tmp_path, face_models):
     shutil.copytree(cache / "src", src)
     os.remove(src / "01_mask.png")
     out = tmp_path / "f"
-    r = train(cache, out, f"--source_dir={src}", "--face_crop=True", "--phase1_steps=1", "--phase2_steps=0",
+    r = train(cache, out, f"--source_dir={src}", "--source_face_crop=True", "--phase1_steps=1", "--phase2_steps=0",
               *face_args(face_models, "det2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 faces; using the largest" in r.stdout
@@ -282,7 +302,7 @@ def test_small_and_cut_off_faces_are_reported(cache, tmp_path, face_models):
     edge = dict(box=(0, 300, 60, 360), score=0.9,  # 24 px across in the 256 px photos, at the left border
                 landmarks=[(15, 320), (45, 320), (30, 330), (18, 345), (42, 345)])
     det = standins.detector(str(tmp_path / "edge.onnx"), [edge])
-    r = train(cache, tmp_path / "e", "--face_crop=True", "--phase1_steps=1", "--phase2_steps=0",
+    r = train(cache, tmp_path / "e", "--source_face_crop=True", "--phase1_steps=1", "--phase2_steps=0",
               f"--detector_model={det}", f"--parser_model={face_models['par']}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "00.png: the face is only 24 px across" in r.stdout
@@ -294,7 +314,7 @@ def test_photo_without_face_is_named(cache, tmp_path, face_models):
     src = tmp_path / "src"
     shutil.copytree(cache / "src", src)
     Image.new("RGB", (256, 256), (20, 20, 20)).save(src / "dark.png")  # the stand-in sees no face in it
-    r = train(cache, tmp_path / "n", f"--source_dir={src}", "--face_crop=True", *face_args(face_models))
+    r = train(cache, tmp_path / "n", f"--source_dir={src}", "--source_face_crop=True", *face_args(face_models))
     assert r.returncode != 0
     assert "no face found in" in r.stderr and "dark.png" in r.stderr and "01.png" not in r.stderr
 
@@ -318,7 +338,7 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     the differentiable crop; when the detector finds nothing it is skipped and counted, without error."""
     out = tmp_path / "id"
     g = run_in_process(cache, monkeypatch, out, "--phase1_steps=1", "--phase2_steps=2", "--lambda_id=1.0",
-                       "--face_crop=True", *face_args(face_models))
+                       "--source_face_crop=True", "--face_margin=0.2", *face_args(face_models))
     rows = log(out)
     assert "loss_id" in rows[-1] and rows[-1]["id_skipped"] == 0, rows[-1]
     params = lora.lora_parameters(g["sd"].unet)
@@ -327,9 +347,66 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     total, terms, missed = g["micro_step_losses"](2, 1.0)
     terms["id"].backward()
     assert sum(p.grad.abs().sum().item() for p in params if p.grad is not None) > 0
+    # source_face_crop crops the sources around their faces; the references keep their whole composition
+    import data
+    assert all(p.square == data.square_around(p.photo.size) for p in g["references"])
+    assert all(p.square[2] < min(p.photo.size) for p in g["sources"])
+    # identity targets: the mean identity, or ("own") the drawn source photo's, for its s and c samples
+    seen = []
+    real_identity_term = g["identity_term"]
+
+    def spy(z0, noise, context, targets):
+        seen.append(targets)
+        return real_identity_term(z0, noise, context, targets)
+
+    g["identity_term"] = spy
+    g["micro_step_losses"](2, 1.0)
+    assert torch.equal(seen[-1], g["src_id"].expand(2, -1))
+    g["id_target"] = "own"
+    g["micro_step_losses"](2, 1.0)
+    assert torch.equal(seen[-1][0], seen[-1][1]) and any(torch.equal(seen[-1][0], row) for row in g["src_ids"])
     monkeypatch.setattr(g["faces"], "detect", lambda *a, **k: [])
     total, terms, missed = g["micro_step_losses"](2, 1.0)
     assert "id" not in terms and missed == 2
+
+def test_official_decode_clamps_the_image(cache, tmp_path, face_models, monkeypatch):
+    """id_decode_fp32 (official) hands the detector and ArcFace x0_hat clamped to the image range; without it
+    the tiny random VAE's decode runs past [-1, 1]."""
+    g = run_in_process(cache, monkeypatch, tmp_path / "fp32", "--phase1_steps=1", "--phase2_steps=1",
+                       "--lambda_id=1.0", "--id_decode_fp32=True", *face_args(face_models))
+    ranges = []
+    real_crop = g["faces"].arcface_crop
+    monkeypatch.setattr(g["faces"], "arcface_crop", lambda images, lm: ranges.append(
+        (images.min().item(), images.max().item())) or real_crop(images, lm))
+    for clamp in (True, False):
+        g["id_decode_fp32"] = clamp
+        g["micro_step_losses"](2, 1.0)
+    (lo, hi), (lo_raw, hi_raw) = ranges
+    assert -1 <= lo and hi <= 1 and (lo_raw < -1 or hi_raw > 1), ranges
+
+def test_official_phase_settings(cache, tmp_path, monkeypatch):
+    """clip_ti_decay pulls the placeholder norms to 0.4 in phase 1 (lambda = min(1, 100 lr) = 1 at these
+    rates); grad_clip_phase1=False clips in phase 2 only; phase2_t_max caps phase 2's timesteps, not phase 1's;
+    latent_mask="nearest" gives hard-edged masks with a 1% floor."""
+    clipped = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(1) or real_clip(*a, **k))
+    out = tmp_path / "off"
+    g = run_in_process(cache, monkeypatch, out, "--phase1_steps=3", "--phase2_steps=1", "--lr_embed1=0.05",
+                       "--clip_ti_decay=True", "--grad_clip_phase1=False", "--phase2_t_max=50",
+                       "--latent_mask=nearest", "--ckpt_interval=1", "--keep_checkpoints=10")
+    assert len(clipped) == 1  # the one phase-2 step
+    after_phase1 = torch.load(out / "checkpoints" / "step000003.pt", weights_only=True)["embeds"]
+    assert torch.allclose(after_phase1.norm(dim=-1), torch.full((2,), 0.4)), after_phase1.norm(dim=-1)
+    seen = []
+    g["sd"].unet.register_forward_pre_hook(lambda m, args: seen.append(args[1].max().item()))
+    for phase in (2, 1):
+        seen.clear()
+        for _ in range(5):
+            g["micro_step_losses"](phase, 1.0)
+        assert (max(seen) < 50) == (phase == 2), (phase, seen)
+    lo, hi = g["src_face"].min().item(), g["src_face"].max().item()
+    assert lo == pytest.approx(0.01 / 1.01) and hi == pytest.approx(1.0), (lo, hi)  # the floor, the max scaling
 
 def test_bad_settings(cache, tmp_path):
     """Unknown settings and unsupported options fail with a clear message."""
