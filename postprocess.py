@@ -10,7 +10,8 @@ restoration pasted back into the enlarged image (MagiCapture, "ours + postproces
 
 Writes <name>_enhanced.png per input. In code: enhance(image) on an HxWx3 uint8 RGB
 array (sample.py's --postprocess calls it). The ONNX files come from the Hub through
-faces.model_path; --upscaler/--restorer/--detector/--parser take local .onnx files instead.
+faces.model_path; --upscaler_model/--restorer_model/--detector_model/--parser_model take local .onnx
+files instead (the names train.py and sample.py use).
 """
 
 import os
@@ -31,10 +32,10 @@ no_restore = False        # super-resolution only
 parse = False             # restore face classes only (BiSeNet parsing)
 tile = 256                # Real-ESRGAN tile core, pixels of the input
 overlap = 16              # context around each tile
-upscaler = ""             # local .onnx files; "" takes the file from the Hub
-restorer = ""
-detector = ""
-parser = ""
+upscaler_model = ""       # local .onnx files; "" takes the file from the Hub
+restorer_model = ""
+detector_model = ""
+parser_model = ""
 # -----------------------------------------------------------------------------
 
 CROP = 512  # CodeFormer works on 512x512 crops aligned to faces.FFHQ_TEMPLATE
@@ -179,8 +180,8 @@ if __name__ == "__main__":
     os.makedirs(out_dir, exist_ok=True)
     for p in paths:
         print(p)
-        image = enhance(np.asarray(read_rgb(p)), scale, not no_restore, weight, tile, overlap, upscaler or None,
-                        restorer or None, detector or None, parse, parser or None)
+        image = enhance(np.asarray(read_rgb(p)), scale, not no_restore, weight, tile, overlap, upscaler_model or None,
+                        restorer_model or None, detector_model or None, parse, parser_model or None)
         name = os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + "_enhanced.png")
         Image.fromarray(image).save(name)
         print(f"-> {name}")

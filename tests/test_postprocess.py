@@ -177,7 +177,8 @@ def test_cli_writes_enhanced_png(models, tmp_path):
     for name in ("a", "b"):
         Image.fromarray(smooth_image(60, 80)).save(tmp_path / f"{name}.png")
     det = plant(tmp_path / "det.onnx", (120, 160), (80, 60), eye_distance=30)
-    common = [f"--upscaler={models['nearest']}", f"--restorer={models['green']}", f"--detector={det}", "--scale=2"]
+    common = [f"--upscaler_model={models['nearest']}", f"--restorer_model={models['green']}", f"--detector_model={det}",
+              "--scale=2"]
     for args, said in ([str(tmp_path / "a.png"), str(tmp_path / "b.png")], "restored 1 face"), \
                       ([str(tmp_path / "a.png"), "--no_restore"], "upscaled 80x60 -> 160x120"):
         r = cli(*args, f"--out_dir={tmp_path / 'out'}", *common)
