@@ -26,9 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
-
+from model import hub_file
 import onnx_torch
 
 HUB_REPO = "facefusion/models-3.0.0"
@@ -57,24 +55,6 @@ class MissingModel(RuntimeError):
     """A face model is neither a given local file nor in the Hugging Face cache, and cannot be downloaded."""
 
 
-def hub_file(name):
-    """Local path of HUB_REPO/name: the cached copy without asking the Hub (the repo is a fixed release,
-    so a cached file is never stale), else a download. Raises OSError saying why the file cannot be had."""
-    path = try_to_load_from_cache(HUB_REPO, name)
-    if isinstance(path, str):  # None: not cached; another value: cached as absent from the repo
-        return path
-    if hf_constants.HF_HUB_OFFLINE:
-        raise OSError("HF_HUB_OFFLINE=1")
-    # one HEAD first, which huggingface_hub does not retry: when the file is not cached, hf_hub_download
-    # retries an unreachable Hub 5 times (about 25 s)
-    try:
-        get_hf_file_metadata(hf_hub_url(HUB_REPO, name))
-    except Exception as e:  # the HTTP library, and so its errors, differ between huggingface_hub versions
-        first_line = str(e).partition("\n")[0]
-        raise OSError(f"{type(e).__name__}: {first_line}") from None
-    return hf_hub_download(HUB_REPO, name)
-
-
 def model_path(kind, model=None):
     """Local path of the .onnx for `kind` (a key of FILES): `model` if given, else the Hub copy.
     Raises MissingModel when the Hub copy is neither cached nor downloadable."""
@@ -84,7 +64,7 @@ def model_path(kind, model=None):
         return model
     name = FILES[kind]
     try:
-        path = hub_file(name)
+        path = hub_file(HUB_REPO, name)
     except OSError as e:
         raise MissingModel(
             f"{name} (the {kind} model) is not in the Hugging Face cache and cannot be downloaded from the Hub "
@@ -101,7 +81,7 @@ def check_hash(path, hash_name):
     """Compare the file's CRC32 with the repo's `hash_name` (8 hex digits); skip if it cannot be had
     (a mirror without .hash files, or offline with only the model cached)."""
     try:
-        hash_path = hub_file(hash_name)
+        hash_path = hub_file(HUB_REPO, hash_name)
     except OSError:
         return
     with open(hash_path) as f:

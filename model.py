@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CLIP_REPO = "openai/clip-vit-large-patch14"  # the image tower CLIPVisionModel loads by default
 # the one table from the --dtype setting's names (sample.py, train.py, bench.py) to torch dtypes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,6 +67,19 @@ class TextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 768
+
+@dataclass
+class VisionConfig:  # defaults: openai/clip-vit-large-patch14's vision_config (ViT-L/14 at 224 px)
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 14
+    projection_dim: int = 768
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
 
 @dataclass
 class ScheduleConfig:
@@ -112,6 +126,7 @@ UNSUPPORTED = {
         latents_mean=(None, "an SDXL-style VAE with latent statistics"),
     ),
     "text_encoder": dict(),
+    "image_encoder": dict(),
     "scheduler": dict(
         prediction_type=("epsilon", "a v-prediction model (e.g. SD 2.x 768)"),
         timestep_spacing=("leading", "another timestep spacing"),
@@ -120,6 +135,19 @@ UNSUPPORTED = {
 
 def config_from_dict(cls, d, part):
     """Fill a config dataclass from a config.json dict; refuse what this code does not implement."""
+    if part == "image_encoder":  # a CLIPVisionConfig json, or the full CLIP config.json holding a vision_config
+        if d.get("model_type", "clip_vision_model") not in ("clip", "clip_vision_model"):
+            raise ValueError(f"the CLIP config.json has model_type={d['model_type']!r}; model.py implements "
+                             f"CLIP's image tower (model_type 'clip' or 'clip_vision_model'), e.g. {CLIP_REPO}.")
+        if "vision_config" in d or "vision_config_dict" in d:
+            # older files (openai's among them) repeat the tower's fields in vision_config_dict, which wins
+            vision = {**d.get("vision_config", {}), **d.get("vision_config_dict", {})}
+            if "projection_dim" in d:
+                vision["projection_dim"] = d["projection_dim"]  # CLIPModel projects with the top-level value
+            d = vision
+        if d.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+            raise ValueError(f"the CLIP config.json has hidden_act={d['hidden_act']!r} for the image tower; "
+                             "model.py implements quick_gelu and gelu.")
     for key, (want, meaning) in UNSUPPORTED[part].items():
         got = d.get(key, want)
         got = tuple(got) if isinstance(got, list) else got
@@ -256,25 +284,26 @@ class CLIPTokenizer:
 # CLIP text encoder (transformers' CLIPTextModel)
 
 class CLIPAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal):
         super().__init__()
         D = cfg.hidden_size
-        self.n_head = cfg.num_attention_heads
+        self.n_head, self.causal = cfg.num_attention_heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
 
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = (p(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # causal: CLIP's text tower is a GPT
+        # causal in the text tower (a GPT); the image tower's tokens all see each other
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
 class CLIPLayer(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal):
         super().__init__()
         D = cfg.hidden_size
         self.layer_norm1 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm2 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.mlp = nn.ModuleDict(dict(fc1=nn.Linear(D, cfg.intermediate_size), fc2=nn.Linear(cfg.intermediate_size, D)))
         self.quick = cfg.hidden_act == "quick_gelu"
@@ -295,7 +324,8 @@ class CLIPTextModel(nn.Module):
                 token_embedding=nn.Embedding(cfg.vocab_size, D),
                 position_embedding=nn.Embedding(cfg.max_position_embeddings, D),
             )),
-            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers)))),
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg, causal=True)
+                                                            for _ in range(cfg.num_hidden_layers)))),
             final_layer_norm=nn.LayerNorm(D, eps=cfg.layer_norm_eps),
         ))
 
@@ -318,6 +348,125 @@ class CLIPTextModel(nn.Module):
         for layer in m.encoder.layers:
             x = layer(x)
         return m.final_layer_norm(x)
+
+# -----------------------------------------------------------------------------
+# CLIP image encoder (transformers' CLIPVisionModelWithProjection), for CLIP image scores
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's pixel normalisation (clip/clip.py)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+def clip_preprocess(images, size=224):
+    """(B, 3, H, W) RGB in [0, 1] -> (B, 3, size, size) CLIP input, as CLIPImageProcessor makes it: shortest
+    side to size (bicubic), centre crop, CLIP mean and std."""
+    if not images.is_floating_point():
+        raise TypeError(f"clip_preprocess takes float RGB in [0, 1], got {images.dtype}: divide 8-bit images by 255")
+    H, W = images.shape[-2:]
+    long = int(size * max(H, W) / min(H, W))  # rounded down, as transformers does
+    h, w = (size, long) if H <= W else (long, size)
+    # antialias=True is PIL's bicubic (a = -0.5, kernel widened when downscaling) in both directions. PIL
+    # resizes width first, then height, clipping the kernel's overshoot to 8 bits after each pass: so here too
+    x = images.float()
+    for hw in ((H, w), (h, w)):
+        x = F.interpolate(x, size=hw, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = (h - size) // 2, (w - size) // 2
+    x = x[..., top:top + size, left:left + size]
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    return (x - mean) / std
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Pixels -> tokens: a learned class token, then one token per patch (row by row), plus learned positions."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.class_embedding = nn.Parameter(torch.randn(D))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, D, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, D)
+
+    def forward(self, pixel_values):
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, N, D)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight  # (B, 1 + N, D)
+
+class CLIPVisionModel(nn.Module):
+    """CLIP's image tower: a ViT whose class token, normed and projected, is the image embedding."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        D = cfg.hidden_size
+        self.vision_model = nn.ModuleDict(dict(
+            embeddings=CLIPVisionEmbeddings(cfg),
+            pre_layrnorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps),  # sic: the checkpoint key is spelled pre_layrnorm
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg, causal=False)
+                                                            for _ in range(cfg.num_hidden_layers)))),
+            post_layernorm=nn.LayerNorm(D, eps=cfg.layer_norm_eps),
+        ))
+        self.visual_projection = nn.Linear(D, cfg.projection_dim, bias=False)
+
+    def forward(self, pixel_values):
+        """(B, 3, S, S) pixels from clip_preprocess -> (B, projection_dim) image embedding, not normalised."""
+        S = self.config.image_size
+        if tuple(pixel_values.shape[-2:]) != (S, S):
+            raise ValueError(f"the CLIP image tower takes {S}x{S} pixels, got {tuple(pixel_values.shape[-2:])}; "
+                             f"prepare images with clip_preprocess(images, size={S})")
+        m = self.vision_model
+        x = m.pre_layrnorm(m.embeddings(pixel_values.to(self.visual_projection.weight.dtype)))
+        for layer in m.encoder.layers:
+            x = layer(x)
+        return self.visual_projection(m.post_layernorm(x[:, 0]))  # the class token stands for the image
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir=CLIP_REPO, device="cpu", dtype=torch.float32):
+        """
+        Load from a folder with config.json and model.safetensors (a CLIPVisionModelWithProjection, or a full
+        CLIP model whose text tower is skipped), a Hub repo id (only those two files are fetched), or "tiny"
+        (a small random tower built and saved on first use; 32 px inputs).
+        """
+        if os.path.isdir(name_or_dir):
+            path = name_or_dir
+        elif name_or_dir == "tiny":
+            path = tiny_path("tiny-clip")
+            if not os.path.exists(os.path.join(path, "config.json")):
+                print(f"building the tiny random CLIP image tower in {path}")
+                cls.tiny().save_pretrained(path)
+        elif name_or_dir.count("/") == 1 and not name_or_dir.startswith((".", "/", "~")):
+            path = clip_hub_download(name_or_dir)
+        else:
+            raise FileNotFoundError(f"{name_or_dir!r} is neither a folder nor a Hub repo id "
+                                    f"(owner/name, e.g. {CLIP_REPO}) nor 'tiny'")
+        config_file, weights_file = (os.path.join(path, f) for f in ("config.json", "model.safetensors"))
+        for f in (config_file, weights_file):
+            if not os.path.exists(f):
+                raise FileNotFoundError(f"{f} is missing: a CLIP image-tower folder holds config.json and "
+                                        f"model.safetensors, e.g. from `hf download {CLIP_REPO} config.json "
+                                        "model.safetensors --local-dir DIR`")
+        # build on the meta device (no random init), then take the file's tensors
+        with torch.device("meta"):
+            m = cls(config_from_dict(VisionConfig, read_json(config_file), "image_encoder"))
+        load_strict(m, fix_legacy_keys("image_encoder", load_file(weights_file)), weights_file)
+        return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    def save_pretrained(self, path):
+        """Write config.json and model.safetensors; transformers' CLIPVisionModelWithProjection reads them."""
+        os.makedirs(path, exist_ok=True)
+        cfg = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
+               **asdict(self.config)}
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(path, "model.safetensors"))
+
+    @classmethod
+    def tiny(cls, seed=0):
+        """A small random image tower (32 px, 8 px patches, 2 layers). The same seed gives the same weights;
+        the caller's global random state is left as it was."""
+        # nn.Module initialisers draw from the global generator: seed a forked copy of it (CPU only)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            m = cls(VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 image_size=32, patch_size=8, projection_dim=16))
+        return m.eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
 # building blocks shared by the UNet and the VAE
@@ -768,6 +917,10 @@ def fix_legacy_keys(part, sd):
         sd.pop("embeddings.position_ids", None)
         if not any(k.startswith("text_model.") for k in sd):  # transformers 5 saves without the prefix
             sd = {"text_model." + k: v for k, v in sd.items()}
+    if part == "image_encoder":
+        # the full CLIP file holds both towers: drop the text tower, its projection and the logit scale
+        sd = {k: v for k, v in sd.items() if not k.startswith(("text_model.", "text_projection.", "logit_scale"))}
+        sd.pop("vision_model.embeddings.position_ids", None)  # a buffer of 0..256 in older files, not a weight
     if part == "vae":  # older diffusers names of the mid-block attention
         legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
         out = {}
@@ -823,9 +976,42 @@ def hub_download(repo_id, variant=None):
                                     + (f" (is there a '{variant}' variant?)" if variant else ""))
     return path
 
-def tiny_path():
+def hub_file(repo_id, name):
+    """Local path of one file of a Hub repo: the cached copy without asking the Hub (the repos used this way
+    are fixed releases, so a cached file is never stale), else a download. Raises OSError saying why the
+    file cannot be had, at once: when a file is not cached, hf_hub_download retries an unreachable Hub
+    5 times (about 25 s), so one HEAD request, which huggingface_hub does not retry, goes first."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+    path = try_to_load_from_cache(repo_id, name)
+    if isinstance(path, str):  # None: not cached; another value: cached as absent from the repo
+        return path
+    if constants.HF_HUB_OFFLINE:
+        raise OSError("HF_HUB_OFFLINE=1")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, name))
+    except Exception as e:  # the HTTP library, and so its errors, differ between huggingface_hub versions
+        first_line = str(e).partition("\n")[0]
+        raise OSError(f"{type(e).__name__}: {first_line}") from None
+    return hf_hub_download(repo_id, name)
+
+def clip_hub_download(repo_id):
+    """Fetch a CLIP repo's config.json and model.safetensors (nothing else) through huggingface_hub's cache;
+    returns the folder holding them."""
+    try:
+        config_file = hub_file(repo_id, "config.json")
+        hub_file(repo_id, "model.safetensors")  # lands in the same snapshot folder
+    except OSError as e:
+        raise RuntimeError(
+            f"could not get config.json and model.safetensors of '{repo_id}': they are not in the Hugging Face "
+            f"cache and the Hub cannot be reached ({e}).\n"
+            f"Fix: run once with network access, or on another machine run\n"
+            f"  hf download {repo_id} config.json model.safetensors --local-dir DIR\n"
+            f"copy DIR here and pass its path instead of '{repo_id}' (eval.py: --clip_model=DIR).") from None
+    return os.path.dirname(config_file)
+
+def tiny_path(name="tiny-sd"):
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
-    return os.path.join(root, "magicapture", "tiny-sd")
+    return os.path.join(root, "magicapture", name)
 
 class StableDiffusion(nn.Module):
     def __init__(self, tokenizer, text_encoder, vae, unet, schedule):

@@ -11,6 +11,18 @@ def rel_err(a, b):
     """max |a - b| / max |b|: the parity measure the tests report."""
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
+def hub_cache(root, repo_id, files):
+    """A Hugging Face cache under `root` holding `files` ({name: bytes}) of repo_id at one snapshot, laid out as
+    huggingface_hub lays it out, so code under test finds them with HF_HUB_CACHE=root and no network."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name, content in files.items():
+        (snapshot / name).write_bytes(content)
+    return snapshot
+
 def save_reference_pipeline(path, unet_kwargs, vae_kwargs, text_kwargs, seed=0):
     """Random diffusers UNet/VAE and transformers CLIP text model saved as a diffusers-layout folder,
     with the tiny tokenizer's files. Returns the reference modules."""

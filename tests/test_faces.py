@@ -13,10 +13,12 @@ import zlib
 
 import numpy as np
 import pytest
+from huggingface_hub import constants as hf_constants
 import torch
 
 import faces
 import standins
+from conftest import hub_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,18 +282,6 @@ def test_missing_model_is_one_clear_error(tmp_path, offline, max_lookups):
         and "--detector_model=DIR/retinaface_10g.onnx" in last, last
 
 
-def hub_cache(root, files):
-    """A Hugging Face cache under `root` holding HUB_REPO's `files` ({name: bytes}) at one snapshot."""
-    repo = root / ("models--" + faces.HUB_REPO.replace("/", "--"))
-    snapshot = repo / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0" * 40)
-    for name, data in files.items():
-        (snapshot / name).write_bytes(data)
-    return snapshot
-
-
 def test_model_path_local_cache_and_hash(models, tmp_path, monkeypatch):
     """A local path is used as is (missing -> named); a cached Hub copy is used without the network, checked
     against its cached .hash (skipped when there is none), and fails when its CRC32 differs."""
@@ -302,13 +292,13 @@ def test_model_path_local_cache_and_hash(models, tmp_path, monkeypatch):
 
     data = open(det, "rb").read()
     crc = zlib.crc32(data)
-    monkeypatch.setattr(faces.hf_constants, "HF_HUB_OFFLINE", True)  # any network use would raise MissingModel
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)  # any network use would raise MissingModel
     cases = [("match", f"{crc:08x}"), ("no_hash", None), ("mismatch", f"{(crc + 1) % 2 ** 32:08x}")]
     for case, hash_text in cases:
         files = {"retinaface_10g.onnx": data} if hash_text is None else \
             {"retinaface_10g.onnx": data, "retinaface_10g.hash": hash_text.encode()}
-        snapshot = hub_cache(tmp_path / case, files)
-        monkeypatch.setattr(faces.hf_constants, "HF_HUB_CACHE", str(tmp_path / case))
+        snapshot = hub_cache(tmp_path / case, faces.HUB_REPO, files)
+        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / case))
         if case == "mismatch":
             with pytest.raises(RuntimeError, match="(?s)retinaface_10g.onnx: CRC32.*Delete it"):
                 faces.model_path("detector")
