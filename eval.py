@@ -39,7 +39,7 @@ from configurator import check_choice, check_device, configure
 # -----------------------------------------------------------------------------
 # command-line settings (read only when run as a script)
 runs = "out/magicapture"  # training runs (train.py's out_dir), comma-separated: --runs=out/a,out/b
-init_from = ""            # "": each run's own base model (its config.json); or a Hub repo id / folder for all
+init_from = ""            # "": each run's own model (its pipeline/ if it wrote one, else its base); or a repo/folder for all
 num_images = 32           # per run
 seed = 0                  # image i uses seed + i
 descriptions = ("wearing sunglasses", "smiling", "with a beard")  # appended to the first composed prompt
@@ -308,12 +308,21 @@ def read_images(folder, files):
     return [np.asarray(data.read_rgb(os.path.join(folder, f))) for f in files]
 
 
+def base_model(run, cfg):
+    """The model a run's images are drawn from: the init_from setting if given, else the run's own fine-tuned
+    pipeline if it wrote one (DreamBooth: <run>/pipeline), else the base model it trained on."""
+    if init_from:
+        return init_from
+    pipeline = os.path.join(run, "pipeline")
+    return pipeline if os.path.isdir(pipeline) else cfg["init_from"]
+
+
 def draw_images(cfg, run, prompts, prompt_index, seeds):
     """The run's images, (H, W, 3) uint8 each: its base model with its tokens and LoRA (merged), one
     generator per image so that image i is the same whatever the batch size."""
-    base = init_from or cfg["init_from"]
+    base = base_model(run, cfg)
     sd = model.StableDiffusion.from_pretrained(base, device=device, dtype=model.DTYPES[dtype],
-                                               variant=cfg.get("variant"))
+                                               variant=None if base == os.path.join(run, "pipeline") else cfg.get("variant"))
     lora.load_result(sd, run, scale=lora_scale)
     lora.merge(sd.unet)
     lora.merge(sd.text_encoder)
@@ -349,8 +358,9 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
     """{kind: [file names]} and {kind: [HxWx3 uint8 images]} of the run in `folder`: "plain", drawn or reused,
     and with postprocess "enhanced" (postprocess.enhance of each), made or reused."""
     files = {"plain": [f"p{p}_seed{s}.png" for p, s in zip(prompt_index, seeds)]}
-    weights = [os.path.join(run, f) for f in (lora.EMBEDS_FILE, lora.LORA_FILE) if os.path.isfile(os.path.join(run, f))]
-    draw = dict(init_from=init_from or cfg["init_from"], variant=cfg.get("variant"),
+    weights = [os.path.join(run, f) for f in (lora.EMBEDS_FILE, lora.LORA_FILE, lora.WEIGHTS_FILE)
+               if os.path.isfile(os.path.join(run, f))]
+    draw = dict(init_from=base_model(run, cfg), variant=cfg.get("variant"),
                 weights_sha256=file_digest(weights, "sha256"), prompts=prompts, seeds=seeds, sampler=sampler,
                 steps=steps, guidance=guidance, lora_scale=lora_scale, resolution=cfg["resolution"], device=device,
                 dtype=dtype)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 EMBEDS_FILE = "learned_embeds.safetensors"  # {token: vector}, diffusers' load_textual_inversion format
 KOHYA_FILE = "lora_kohya.safetensors"  # the kohya format, for AUTOMATIC1111 and ComfyUI
+WEIGHTS_FILE = "trained_weights.safetensors"  # weights trained in full (Custom Diffusion's attn2 k/v): {unet.<name>: ...}
 
 # Targets, as regexes matched with re.fullmatch against the full module name.
 # The paper: "the projection layers of the cross-attention modules".
@@ -205,13 +206,17 @@ def export_kohya(unet, text_encoder, path, metadata=None):
     save_file(sd, path, metadata=header)
 
 
-def save_result(out_dir, unet, text_encoder, embeds, metadata):
-    """Write a training run's outputs into out_dir: EMBEDS_FILE, and LORA_FILE and KOHYA_FILE when the
-    models have LoRA. text_encoder: None when it has no LoRA; embeds: {token: 1-D tensor}; metadata:
-    {str: str}, written into every file's header. Mirrors load_result."""
+def save_result(out_dir, unet, text_encoder, embeds, metadata, weights=None):
+    """Write a training run's outputs into out_dir: EMBEDS_FILE, LORA_FILE and KOHYA_FILE when the
+    models have LoRA, and WEIGHTS_FILE when `weights` ({"unet.<name>" or "text_encoder.<name>": tensor},
+    the parameters trained in full) is given. text_encoder: None when it has no LoRA; embeds: {token:
+    1-D tensor}; metadata: {str: str}, written into every file's header. Mirrors load_result."""
     os.makedirs(out_dir, exist_ok=True)
     save_file({tok: v.detach().cpu().contiguous() for tok, v in embeds.items()},
               os.path.join(out_dir, EMBEDS_FILE), metadata=metadata)
+    if weights:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                  os.path.join(out_dir, WEIGHTS_FILE), metadata=metadata)
     models = [unet] + ([text_encoder] if text_encoder is not None else [])
     modules = [m for model in models for _, m in lora_modules(model)]
     if not modules:  # an embeddings-only run: no LoRA file from an earlier run in this folder may remain
@@ -227,8 +232,10 @@ def save_result(out_dir, unet, text_encoder, embeds, metadata):
 
 
 def load_result(sd, path, scale=1.0, text_scale=None):
-    """Apply a training run's outputs to a StableDiffusion: its learned token embeddings, and its LoRA
-    if it has one; returns the added tokens. Mirrors save_result.
+    """Apply a training run's outputs to a StableDiffusion: its learned token embeddings, its LoRA if it has
+    one, and the weights it trained in full if it has those; returns the added tokens. Mirrors save_result.
+    (A run that fine-tuned everything, DreamBooth, also wrote its whole pipeline: pass that folder as the base
+    model, and the run's folder here for its tokens.)
 
     path: the run's folder, or its LORA_FILE or EMBEDS_FILE (the other is found beside it). scale: the
     LoRA's strength; text_scale, if given, the text encoder LoRA's own (official inference: 0.6 UNet,
@@ -257,6 +264,18 @@ def load_result(sd, path, scale=1.0, text_scale=None):
     ids = sd.tokenizer.add_tokens(tokens)
     if max(ids) >= sd.text_encoder.text_model.embeddings.token_embedding.num_embeddings:
         sd.text_encoder.resize_token_embeddings(max(ids) + 1)
+    weights_path = os.path.join(folder, WEIGHTS_FILE)
+    if os.path.isfile(weights_path):  # parameters the run trained in full replace the base model's
+        models = {"unet": sd.unet, "text_encoder": sd.text_encoder}
+        with torch.no_grad():
+            for key, value in load_file(weights_path).items():
+                prefix, _, name = key.partition(".")
+                if prefix not in models:
+                    raise ValueError(f"{weights_path}: {key} is for neither the unet nor the text_encoder")
+                p = models[prefix].get_parameter(name)
+                if p.shape != value.shape:
+                    raise ValueError(f"{weights_path}: {key} is {tuple(value.shape)}, the model's {tuple(p.shape)}")
+                p.copy_(value)
     table = sd.text_encoder.text_model.embeddings.token_embedding.weight  # re-read: resizing may replace it
     with torch.no_grad():
         for i, token in zip(ids, tokens):

@@ -1059,10 +1059,10 @@ class StableDiffusion(nn.Module):
         return cls(tokenizer, parts["text_encoder"], parts["vae"], parts["unet"], schedule)
 
     def save_pretrained(self, path):
-        """Write the diffusers folder layout; diffusers' StableDiffusionPipeline.from_pretrained reads it."""
-        if self.tokenizer.added:
-            raise ValueError(f"the tokenizer holds placeholder tokens {self.tokenizer.added}; save those with "
-                             "the training outputs (learned_embeds.safetensors), not into the base pipeline")
+        """Write the diffusers folder layout; diffusers' StableDiffusionPipeline.from_pretrained reads it.
+        Placeholder tokens added to the tokenizer are left out, with their embedding rows: a training run
+        saves those in its learned_embeds.safetensors, which load_textual_inversion and lora.load_result read."""
+        vocab = len(self.tokenizer.vocab)
         meta = {
             "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
             "text_encoder": ("transformers", "CLIPTextModel"),
@@ -1080,9 +1080,13 @@ class StableDiffusion(nn.Module):
                 cfg.update(architectures=["CLIPTextModel"], model_type="clip_text_model",
                            bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
                            pad_token_id=self.tokenizer.pad_id)
+            tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            if p == "text_encoder":  # the base vocabulary's rows only (see above)
+                key = "text_model.embeddings.token_embedding.weight"
+                tensors[key] = tensors[key][:vocab].contiguous()
+                cfg.update(vocab_size=vocab)
             with open(os.path.join(path, p, PARTS[p][0]), "w") as f:
                 json.dump(cfg, f, indent=2)
-            tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
             save_file(tensors, os.path.join(path, p, weights_name(p)))
         self.tokenizer.save(os.path.join(path, "tokenizer"))
         os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)

@@ -15,6 +15,7 @@ import copy
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -62,11 +63,19 @@ lr_lora = 1e-4
 lr_embed2 = 1e-5
 lora_rank = 4
 lora_alpha = 4.0                 # W' = W + U V^T: alpha = rank, no extra scaling
-lora_targets = lora.PAPER_UNET   # paper: the cross-attention projections
+lora_targets = lora.PAPER_UNET   # paper: the cross-attention projections; () = no LoRA (the baselines)
 lora_text_encoder = False        # official script: also LoRA on the text encoder's attention
 lr_lora_text = 1e-4
+full_targets = ()                # parameters trained in full in phase 2: regexes over "unet.<name>" and
+                                 # "text_encoder.<name>" (DreamBooth: all; Custom Diffusion: attn2.to_k, to_v)
+lr_full = 1e-6
+save_pipeline = False            # also write the whole fine-tuned pipeline to out_dir/pipeline (DreamBooth)
 # loss (paper eq. 4-8, weighed as eq. 10: losses.total_loss)
 composed = True                  # L_mask^c on; False = the paper's "w/o CP" ablation
+masked = True                    # eq. 4-6 compare inside the masks; False: over the whole photo (the baselines)
+prior_prompt = ""                # prior preservation (DreamBooth, Custom Diffusion): the class prompt; "" = off
+prior_images = 200               # class images, drawn once by the base model (fixed seeds), in out_dir/class_images
+lambda_prior = 1.0               # the prior term's weight (DreamBooth, Custom Diffusion: 1.0)
 lambda_attn = 2.5                # eq. 8 weight; 0 = the paper's "w/o AR" ablation
 lambda_id = 1.0                  # eq. 7 weight (paper 1.0; official script 0.25)
 t_id_max = 800                   # official code: the identity loss draws its own t < 800 (paper: T' < T)
@@ -128,6 +137,8 @@ if resolution % 64:
     raise SystemExit(f"resolution must be a multiple of 64, got {resolution}")
 if not (1 < t_id_max <= 1000 and 0 < phase2_t_max <= 1000):
     raise SystemExit(f"t_id_max must be in 2..1000 and phase2_t_max in 1..1000, got {t_id_max} and {phase2_t_max}")
+if prior_prompt and prior_images < 1:
+    raise SystemExit(f"prior preservation needs prior_images >= 1, got {prior_images}")
 if not 0 <= min_mask_fraction < 0.5:
     raise SystemExit(f"min_mask_fraction must be in [0, 0.5), got {min_mask_fraction}")
 if resume and overwrite:
@@ -299,6 +310,13 @@ def use_learned_rows(module, args, out):
 
 table.register_forward_hook(use_learned_rows)
 
+# the parameters trained in full in phase 2 (the baselines), by name: "unet.<name>" or "text_encoder.<name>"
+full_params = {f"{prefix}.{n}": p for prefix, m in (("unet", sd.unet), ("text_encoder", sd.text_encoder))
+               for n, p in m.named_parameters() if any(re.fullmatch(t, f"{prefix}.{n}") for t in full_targets)}
+if full_targets and not full_params:
+    raise SystemExit(f"full_targets={full_targets} matches no parameter; the names look like "
+                     "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
+
 val_prompts = [composed_templates[0].format(*tokens), source_templates[0].format(tokens[0]),
                reference_templates[0].format(tokens[1]), neutral_prompt]
 try:  # a placeholder past CLIP's 77 tokens would be cut off without a word
@@ -329,6 +347,30 @@ ref_mean, ref_std = encode(torch.stack([p.image for p in references]))
 src_face = to_latent(torch.stack([p.mask for p in sources]))          # M_s of eq. 4
 ref_face = to_latent(torch.stack([p.mask for p in references]))       # <v1>'s region on a reference (eq. 8)
 ref_rest = to_latent(1 - torch.stack([p.mask for p in references]))   # M_r of eq. 5-6: everything but the face
+
+@torch.no_grad()
+def class_images():
+    """Prior preservation's class images: prior_prompt drawn by the base model before any training, image i
+    from seed i (DDIM, 50 steps, guidance 7.5), kept in out_dir/class_images so a resumed or repeated run
+    reuses them; -> (N, 3, R, R) in [-1, 1]."""
+    folder = os.path.join(out_dir, "class_images")
+    os.makedirs(folder, exist_ok=True)
+    made_with = dict(prompt=prior_prompt, init_from=init_from, resolution=resolution)
+    record = os.path.join(folder, "class_images.json")
+    if not os.path.exists(record) or json.load(open(record)) != made_with:  # others' images: draw anew
+        for old in glob.glob(os.path.join(folder, "*.png")):
+            os.remove(old)
+        json.dump(made_with, open(record, "w"))
+    paths = [os.path.join(folder, f"{i:04d}.png") for i in range(prior_images)]
+    missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]
+    from tqdm import tqdm
+    for i in tqdm(missing, desc=f"class images for '{prior_prompt}'", unit="image", disable=not missing):
+        image = sd.sample([prior_prompt], steps=50, guidance=7.5, seed=i, height=resolution, width=resolution)
+        data.save_png(image[0].cpu(), paths[i])
+    return torch.stack([data.to_tensor(data.read_rgb(path)) * 2 - 1 for path in paths])
+
+if prior_prompt:
+    prior_mean, prior_std = encode(class_images())
 
 if lambda_id > 0:  # the ArcFace eq. 7 backpropagates through, and each source photo's identity R(B(I_s))
     arcface = faces.arcface_torch(face_files["recognizer"]).to(device).eval().requires_grad_(False)
@@ -387,10 +429,16 @@ def draw_tasks(phase, boost):
     s, r = pick(len(sources)), pick(len(references))
     zs, (face_s,) = view(sources, s, src_mean, src_std, [src_face])
     zr, (face_r, rest_r) = view(references, r, ref_mean, ref_std, [ref_face, ref_rest])
-    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), face_s, (face_s, None), 1.0, s),
-             Task("r", zr, prompt(reference_templates, tokens[1]), rest_r, (None, rest_r), boost, None)]
+    whole = torch.ones_like(face_s)
+    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), face_s if masked else whole, (face_s, None), 1.0, s),
+             Task("r", zr, prompt(reference_templates, tokens[1]), rest_r if masked else whole, (None, rest_r), boost,
+                  None)]
     if phase == 2 and composed:  # the reference photo is the pseudo-label for all but the face; s its identity
         tasks.append(Task("c", zr, prompt(composed_templates, *tokens), rest_r, (face_r, rest_r), boost, s))
+    if phase == 2 and prior_prompt:  # prior preservation: a class image under the class prompt, whole
+        k = pick(len(prior_mean))
+        zp = (prior_mean[k] + prior_std[k] * rand(*prior_mean[k].shape)) * scale_factor
+        tasks.append(Task("p", zp, prior_prompt, whole, (None, None), lambda_prior, None))
     return tasks
 
 def micro_step_losses(phase, boost):
@@ -494,21 +542,22 @@ def attention_on_validation():
 def setup_phase(phase):
     """The phase's trainable parameters, AdamW, and a linear decay to 0 over the phase."""
     if phase == 1:
-        groups = [dict(params=[embeds], lr=lr_embed1, weight_decay=0.0)]
+        groups = [dict(name="embeds", params=[embeds], lr=lr_embed1, weight_decay=0.0)]
         return make_optimizer(groups, phase1_steps)
-    if not lora.lora_modules(sd.unet):  # LoRA's random init from its own generator: the same whatever ran before
+    if lora_targets and not lora.lora_modules(sd.unet):  # LoRA's init from its own generator: the same whatever ran before
         g = torch.Generator().manual_seed(seed)
         lora.inject(sd.unet, lora_targets, rank=lora_rank, alpha=lora_alpha, generator=g)
         if lora_text_encoder:
             lora.inject(sd.text_encoder, lora.OFFICIAL_TEXT_ENCODER, rank=lora_rank, alpha=lora_alpha, generator=g)
-    for p in lora.lora_parameters(sd.unet) + lora.lora_parameters(sd.text_encoder):
+    for p in lora.lora_parameters(sd.unet) + lora.lora_parameters(sd.text_encoder) + list(full_params.values()):
         p.data = p.data.float()  # trainable weights stay fp32 whatever the compute dtype
         p.requires_grad_(True)
-    groups = [dict(params=[embeds], lr=lr_embed2, weight_decay=0.0),
-              dict(params=lora.lora_parameters(sd.unet), lr=lr_lora, weight_decay=weight_decay)]
-    if lora_text_encoder:
-        groups.append(dict(params=lora.lora_parameters(sd.text_encoder), lr=lr_lora_text, weight_decay=weight_decay))
-    return make_optimizer(groups, phase2_steps)
+    groups = [dict(name="embeds", params=[embeds], lr=lr_embed2, weight_decay=0.0),
+              dict(name="lora", params=lora.lora_parameters(sd.unet), lr=lr_lora, weight_decay=weight_decay),
+              dict(name="lora_text", params=lora.lora_parameters(sd.text_encoder), lr=lr_lora_text,
+                   weight_decay=weight_decay),
+              dict(name="full", params=list(full_params.values()), lr=lr_full, weight_decay=weight_decay)]
+    return make_optimizer([g for g in groups if g["params"]], phase2_steps)
 
 @torch.no_grad()
 def pull_norms_toward(target, lam):
@@ -521,13 +570,16 @@ def make_optimizer(groups, steps):
     opt = torch.optim.AdamW(groups)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, steps)))
 
-def lora_tensors():
-    return {k: v for m in (sd.unet, sd.text_encoder) for k, v in m.state_dict().items() if ".lora_" in k}
+def trained_tensors():
+    """Every trained weight but the token rows (embeds), by name: LoRA's and those trained in full."""
+    lora_weights = {f"{prefix}.{k}": v for prefix, m in (("unet", sd.unet), ("text_encoder", sd.text_encoder))
+                    for k, v in m.state_dict().items() if ".lora_" in k}
+    return dict(lora_weights, **{k: p.data for k, p in full_params.items()})
 
 def save_checkpoint(step, phase):
     """Atomic: write to a temporary file, then rename; keep the last keep_checkpoints."""
     os.makedirs(ckpt_dir, exist_ok=True)
-    state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), lora=lora_tensors(),
+    state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), trained=trained_tensors(),
                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                  gen=gen.get_state(), config=config)
     path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
@@ -551,7 +603,7 @@ def plot_losses(log_path, png_path):
     with open(log_path) as f:
         rows = [json.loads(l) for l in f if l.strip()]
     fig, ax = plt.subplots(figsize=(8, 4))
-    for key in ("loss", "loss_s", "loss_r", "loss_c", "loss_attn"):
+    for key in ("loss", "loss_s", "loss_r", "loss_c", "loss_p", "loss_attn"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), label=key, lw=1)
@@ -601,8 +653,8 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
     opt, sched = setup_phase(phase)
     if ckpt is not None and ckpt["phase"] == phase:  # resuming inside this phase
         with torch.no_grad():
-            for k, v in lora_tensors().items():
-                v.copy_(ckpt["lora"][k])
+            for k, v in trained_tensors().items():
+                v.copy_(ckpt["trained"][k])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -629,16 +681,15 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         scaler.step(opt)
         scaler.update()
         if phase == 1 and clip_ti_decay:
-            pull_norms_toward(0.4, min(1.0, 100 * sched.get_last_lr()[0]))
+            pull_norms_toward(0.4, min(1.0, 100 * opt.param_groups[0]["lr"]))
         sched.step()
         opt.zero_grad(set_to_none=True)
 
         # log, evaluate, checkpoint
         done = step + 1
-        lrs = sched.get_last_lr()
-        row = dict(step=done, phase=phase, loss=logged.pop("loss"), **logged, lr=lrs[0])
-        if phase == 2:
-            row["lr_lora"] = lrs[1]
+        lrs = {g["name"]: g["lr"] for g in opt.param_groups}  # lr: the embeddings'; lr_lora, lr_full, ...: the others'
+        row = dict(step=done, phase=phase, loss=logged.pop("loss"), **logged, lr=lrs.pop("embeds"),
+                   **{f"lr_{name}": v for name, v in lrs.items()})
         if missed is not None:
             row["id_skipped"] = missed  # samples of this step where the detector found no face (eq. 7 skipped)
         row["seconds"] = round(time.time() - t0, 2)
@@ -663,9 +714,12 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
 bar.close()
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
+meta = {k: json.dumps(config[k]) for k in ("init_from", "lora_rank", "lora_alpha", "seed", "phase1_steps",
+                                           "phase2_steps", "resolution")}
 lora.save_result(out_dir, sd.unet, sd.text_encoder if lora_text_encoder else None, dict(zip(tokens, embeds.detach())),
-                 metadata={k: json.dumps(config[k]) for k in ("init_from", "lora_rank", "lora_alpha", "seed",
-                                                              "phase1_steps", "phase2_steps", "resolution")})
+                 meta, weights=None if save_pipeline else {k: p.data for k, p in full_params.items()})
+if save_pipeline:  # the whole fine-tuned model, for diffusers' from_pretrained and init_from (its tokens: EMBEDS_FILE)
+    sd.save_pretrained(os.path.join(out_dir, "pipeline"))
 plot_losses(log_path, os.path.join(out_dir, "loss.png"))
 if device.startswith("cuda"):
     print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")

@@ -2,6 +2,7 @@
 Run: python -m pytest -q tests/test_train.py"""
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -25,10 +26,12 @@ def cache(tmp_path_factory):
     data.make_synthetic(str(root / "src"), str(root / "ref"), n=3)
     return root
 
-def train(cache, out, *args):
+def train(cache, out, *args, config=None):
+    """train.py on config/tiny.py (then `config`, a second config file, if given) at test size."""
     env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"))
-    cmd = [sys.executable, "train.py", "config/tiny.py", f"--out_dir={out}", "--synthetic_data=False",
-           f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}", *FAST, *args]
+    cmd = [sys.executable, "train.py", "config/tiny.py", *([config, "--variant=None"] if config else []),
+           f"--out_dir={out}", "--synthetic_data=False", f"--source_dir={cache / 'src'}",
+           f"--reference_dir={cache / 'ref'}", *FAST, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
 
 def run_in_process(cache, monkeypatch, out, *args):
@@ -518,3 +521,70 @@ def test_official_lora_targets_and_text_encoder(cache, tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "euler_a" in r.stderr and (tmp_path / "s" / "seed0.png").exists()
+
+
+# --- the paper's baselines as settings (config/baseline_*.py) ---
+
+def tiny_base(cache):
+    return model.StableDiffusion.from_pretrained(str(cache / "xdg" / "magicapture" / "tiny-sd"))
+
+def test_baseline_textual_inversion(cache, tmp_path):
+    """config/baseline_ti.py: phase 1 only, unmasked; the run holds its two token rows and no other weights."""
+    out = tmp_path / "ti"
+    r = train(cache, out, "--phase1_steps=2", config="config/baseline_ti.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [row["phase"] for row in log(out)] == [1, 1]
+    assert json.load(open(out / "config.json"))["masked"] is False
+    assert (out / "learned_embeds.safetensors").exists()
+    assert not (out / "pytorch_lora_weights.safetensors").exists() and not (out / "trained_weights.safetensors").exists()
+
+def test_baseline_custom_diffusion(cache, tmp_path):
+    """config/baseline_custom_diffusion.py changes only attn2.to_k/to_v (and the token rows), logs the prior term,
+    and draws its class images once: a resumed run reuses them."""
+    out = tmp_path / "cd"
+    args = ["--phase2_steps=2", "--prior_images=2", "--lr_full=1e-2", "--ckpt_interval=1", "--keep_checkpoints=5"]
+    r = train(cache, out, *args, config="config/baseline_custom_diffusion.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all("loss_p" in row for row in log(out))
+    weights = load_file(str(out / "trained_weights.safetensors"))
+    assert weights and all(re.fullmatch(r"unet\..*attn2\.to_[kv]\.weight", k) for k in weights), sorted(weights)[:4]
+    base, tuned = tiny_base(cache), tiny_base(cache)
+    lora.load_result(tuned, str(out))
+    for prefix in ("unet", "text_encoder"):
+        a, b = getattr(base, prefix).state_dict(), getattr(tuned, prefix).state_dict()
+        changed = {f"{prefix}.{k}" for k in a if a[k].shape == b[k].shape and not torch.equal(a[k], b[k])}
+        assert changed == {k for k in weights if k.startswith(prefix)}, sorted(changed ^ set(weights))[:4]
+    images = sorted((out / "class_images").glob("*.png"))
+    assert len(images) == 2
+    stamps = [p.stat().st_mtime_ns for p in images]
+    os.remove(out / "checkpoints" / "step000002.pt")
+    r = train(cache, out, *args, "--resume", config="config/baseline_custom_diffusion.py")
+    assert r.returncode == 0 and "at step 1" in r.stdout, r.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in images] == stamps and "class images" not in r.stderr
+
+def test_baseline_dreambooth_pipeline(cache, tmp_path):
+    """config/baseline_dreambooth.py fine-tunes the UNet and text encoder (prior term in the log) and writes a
+    pipeline folder that diffusers loads and draws from as we do, with the run's tokens."""
+    import diffusers
+    out = tmp_path / "db"
+    r = train(cache, out, "--phase2_steps=2", "--prior_images=2", "--lr_full=1e-3", config="config/baseline_dreambooth.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all("loss_p" in row for row in log(out))
+    path = str(out / "pipeline")
+    ours = model.StableDiffusion.from_pretrained(path)
+    base = tiny_base(cache)
+    for prefix in ("unet", "text_encoder"):
+        a, b = getattr(base, prefix).state_dict(), getattr(ours, prefix).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a), f"{prefix} did not change"
+    prompt = "a photo of <v1> person in the <v2> style"
+    assert lora.load_result(ours, str(out)) == ["<v1>", "<v2>"]
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    mine = ours.sample([prompt], steps=4, latents=latents, height=64, width=64)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    emb = load_file(str(out / "learned_embeds.safetensors"))
+    pipe.load_textual_inversion([emb["<v1>"], emb["<v2>"]], token=["<v1>", "<v2>"],
+                                tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder)
+    ref = pipe(prompt, num_inference_steps=4, guidance_scale=7.5, latents=latents, output_type="pt").images
+    err = (mine - ref).abs().max().item()
+    assert err < 5e-3, f"max pixel difference {err:.2e}"
