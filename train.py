@@ -510,8 +510,9 @@ def identity_term(z0, noise, context, targets):
 # validation: fixed seeds, the four prompts, and how much each token attends outside its region
 @torch.no_grad()
 def evaluate(step):
-    images = [sd.sample([p], steps=eval_steps, seed=s, height=resolution, width=resolution)
-              for p in val_prompts for s in eval_seeds]
+    with autocast:  # trained weights are fp32 beside the frozen ones in the compute dtype
+        images = [sd.sample([p], steps=eval_steps, seed=s, height=resolution, width=resolution)
+                  for p in val_prompts for s in eval_seeds]
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     path = os.path.join(out_dir, "samples", f"step{step:05d}.png")
     data.save_labeled_grid(torch.cat(images).cpu(), len(eval_seeds), val_prompts, path)
