@@ -269,15 +269,27 @@ def drawn_files(folder):
                          "those photos")
     return drawn
 
-def make_synthetic(source_dir, reference_dir, n=4, size=256, seed=0):
+def draw_object(draw, box):
+    """A simple 'toy': a red body with a white window and two dark wheels, inside box."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    draw.rounded_rectangle((x0, y0 + 0.2 * h, x1, y0 + 0.8 * h), radius=max(1, w // 8), fill=(200, 40, 40))
+    draw.rectangle((x0 + 0.2 * w, y0 + 0.3 * h, x0 + 0.5 * w, y0 + 0.55 * h), fill=(240, 240, 240))
+    for cx in (x0 + 0.25 * w, x0 + 0.75 * w):
+        draw.ellipse((cx - 0.12 * w, y0 + 0.7 * h, cx + 0.12 * w, y0 + 0.7 * h + 0.24 * w), fill=(30, 30, 30))
+
+def make_synthetic(source_dir, reference_dir, n=4, size=256, seed=0, objects=False):
     """Sources: one drawn person (same skin and eyes) on plain backgrounds at varied places.
     References: another drawn face in a striped, high-contrast 'style'. Masks alongside.
+    objects=True (train.py's subject="object"): sources are a drawn toy with its mask, references a
+    checkered texture in a fixed palette with no mask (the whole photo is the style).
     Draws only into a missing or empty folder, or over a set it drew before (same seed: the same images)."""
     old_source, old_reference = drawn_files(source_dir), drawn_files(reference_dir)  # both checked first
     rng = np.random.default_rng(seed)
     for folder, styled, old in ((source_dir, False, old_source), (reference_dir, True, old_reference)):
         os.makedirs(folder, exist_ok=True)
-        names = [f"{i:02d}{end}" for i in range(n) for end in (".png", MASK_SUFFIX)]
+        masked = not (objects and styled)
+        names = [f"{i:02d}{end}" for i in range(n) for end in ((".png", MASK_SUFFIX) if masked else (".png",))]
         for stale in [os.path.join(folder, name) for name in set(old) - set(names)]:  # left from a larger n
             if os.path.exists(stale):
                 os.remove(stale)
@@ -286,6 +298,13 @@ def make_synthetic(source_dir, reference_dir, n=4, size=256, seed=0):
         for i in range(n):
             im = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(60, 200, 3)))
             d = ImageDraw.Draw(im)
+            if objects and styled:  # a checkered texture, its squares of a random size
+                cell = int(rng.integers(12, 32))
+                for y in range(0, size, cell):
+                    for x in range((y // cell) % 2 * cell, size, 2 * cell):
+                        d.rectangle((x, y, x + cell - 1, y + cell - 1), fill=(20, 120, 160))
+                im.save(os.path.join(folder, f"{i:02d}.png"))
+                continue
             if styled:  # diagonal stripes in a fixed purple/yellow palette
                 for k in range(-size, size, 24):
                     d.line((k, 0, k + size, size), fill=(90, 30, 140), width=10)
@@ -293,9 +312,15 @@ def make_synthetic(source_dir, reference_dir, n=4, size=256, seed=0):
             fs = int(size * rng.uniform(0.4, 0.55))
             x0, y0 = (int(v) for v in rng.integers(size // 10, size - fs - size // 10, 2))
             box = (x0, y0, x0 + fs, y0 + int(fs * 1.2) if y0 + int(fs * 1.2) < size else size - 1)
-            skin, eye = ((200, 150, 110), (40, 80, 200)) if styled else ((250, 210, 170), (30, 140, 40))
-            draw_face(d, box, skin, eye)
             mask = Image.new("L", (size, size), 0)
-            ImageDraw.Draw(mask).ellipse(box, fill=255)
+            if objects:
+                draw_object(d, box)
+                shape = Image.new("RGB", (size, size))
+                draw_object(ImageDraw.Draw(shape), box)  # the same shapes on black: white where the object is
+                mask = shape.convert("L").point(lambda v: 255 if v else 0)
+            else:
+                skin, eye = ((200, 150, 110), (40, 80, 200)) if styled else ((250, 210, 170), (30, 140, 40))
+                draw_face(d, box, skin, eye)
+                ImageDraw.Draw(mask).ellipse(box, fill=255)
             im.save(os.path.join(folder, f"{i:02d}.png"))
             mask.save(os.path.join(folder, f"{i:02d}{MASK_SUFFIX}"))

@@ -166,6 +166,19 @@ def aesthetic(image, clip, predictor):
 # the aesthetic predictor's weights
 
 
+def tensors_digest(paths):
+    """sha256 (hex) of the tensors in .safetensors files, by sorted name: the same weights give the same digest,
+    whatever order a save wrote their header's metadata in (safetensors does not fix it)."""
+    from safetensors.torch import load_file
+    h = hashlib.sha256()
+    for path in paths:
+        tensors = load_file(path)
+        for name in sorted(tensors):
+            h.update(name.encode())
+            h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def file_digest(paths, kind):
     """hashlib digest (hex) of the files' bytes, read in 1 MiB pieces, one after the other."""
     h = hashlib.new(kind)
@@ -361,7 +374,7 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
     weights = [os.path.join(run, f) for f in (lora.EMBEDS_FILE, lora.LORA_FILE, lora.WEIGHTS_FILE)
                if os.path.isfile(os.path.join(run, f))]
     draw = dict(init_from=base_model(run, cfg), variant=cfg.get("variant"),
-                weights_sha256=file_digest(weights, "sha256"), prompts=prompts, seeds=seeds, sampler=sampler,
+                weights_sha256=tensors_digest(weights), prompts=prompts, seeds=seeds, sampler=sampler,
                 steps=steps, guidance=guidance, lora_scale=lora_scale, resolution=cfg["resolution"], device=device,
                 dtype=dtype)
     if cached(folder, "plain", draw, files["plain"]):

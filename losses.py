@@ -102,3 +102,62 @@ def attention_outside(maps, masks):
     s = _scaled_maps(maps, masks.shape[-2:]).mean(dim=1)  # (B, K, H, W)
     outside = (masks.float() < 0.5).float()
     return (s * outside).sum(dim=(0, 2, 3)) / outside.sum(dim=(0, 2, 3)).clamp_min(1)
+
+
+# -----------------------------------------------------------------------------
+# General objects (supplement, eq. 11): DINO ViT-B/8 features of x0_hat for the composed prompt, with the
+# losses of DiffuseIT (Kwon & Ye, ICLR 2023), L = 0.1 L_ssim + 0.2 L_contra + 2 L_style. keys are the last
+# layer's attention keys (B, heads, T, d) and cls its [CLS] output (model.py's ViT); DiffuseIT reads both from
+# its last block (layer index 11) and passes all T = 1 + N tokens, [CLS] included, to the two key losses.
+
+def _token_keys(keys):
+    """(B, heads, T, d) -> (B, T, heads*d) unit vectors: each token's heads concatenated, as Splicing ViT
+    Features (Tumanyan et al., CVPR 2022) and DiffuseIT compare keys."""
+    B, nh, T, d = keys.shape
+    return F.normalize(keys.float().transpose(1, 2).reshape(B, T, nh * d), dim=-1)
+
+
+def self_similarity_loss(keys, keys_ref):
+    """Eq. 11's L_ssim (DiffuseIT's structure loss, after Splicing ViT Features): the self-similarity matrices
+    of the two images' keys should agree,
+
+        S_ij = cos(k_i, k_j),   L = mean_ij (S_ij(x0_hat) - S_ij(I_s))^2,
+
+    over all T tokens given, [CLS] included (DiffuseIT passes all 1 + N). keys: x0_hat's (B, heads, T, d), with
+    gradient; keys_ref: the source photo's, a fixed target (detached; DiffuseIT computes it under no_grad).
+    Returns (B,): 0 when the two images have the same key geometry, whatever their appearance.
+    """
+    def sim(k):
+        k = _token_keys(k)
+        return k @ k.transpose(1, 2)  # (B, T, T)
+    return ((sim(keys) - sim(keys_ref.detach())) ** 2).mean(dim=(1, 2))
+
+
+def patch_contrastive_loss(keys, keys_ref, temperature=0.07):
+    """Eq. 11's L_contra: PatchNCE (Park et al., CUT, ECCV 2020, eq. 2-3) on DINO keys, as DiffuseIT uses it.
+    Token i of x0_hat (the query) should match token i of the source photo (the positive) rather than the
+    source's other tokens (the negatives):
+
+        L = mean_i -log( exp(cos(q_i, k_i) / tau) / sum_j exp(cos(q_i, k_j) / tau) ),   tau = 0.07 (CUT's)
+
+    over all T tokens given, [CLS] included, with no subsampling (DiffuseIT uses all 1 + N tokens, 785 at 224 px).
+    DiffuseIT keeps the positive a second time among the negatives with its logit set to -10 / tau, which adds
+    exp(-143) to the denominator: left out here. keys: x0_hat's (B, heads, T, d), with gradient; keys_ref: the
+    source photo's, a fixed target (detached, as DiffuseIT does). Returns (B,). Its minimum is not 0 and not
+    at keys == keys_ref: the loss also pushes each q_i away from the source's other tokens.
+    """
+    q, k = _token_keys(keys), _token_keys(keys_ref.detach())
+    logits = q @ k.transpose(1, 2) / temperature  # (B, T queries, T source tokens)
+    target = torch.arange(q.shape[1], device=q.device).expand(q.shape[0], -1)  # the positive is the same token
+    return F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(dim=1)
+
+
+def dino_style_loss(cls, cls_ref):
+    """Eq. 11's L_style (DiffuseIT's [CLS] loss): mean squared difference between the [CLS] tokens of x0_hat and
+    of the reference photo, || e_cls(x0_hat) - e_cls(I_r) ||^2 / D.
+
+    cls, cls_ref: (B, D) last-layer [CLS] tokens; cls_ref is a fixed target (detached; DiffuseIT computes it under
+    no_grad). DiffuseIT takes the [CLS] token of the last block's output, before DINO's final LayerNorm; model.py's
+    ViT returns it after that norm. Returns (B,).
+    """
+    return ((cls.float() - cls_ref.detach().float()) ** 2).mean(dim=-1)

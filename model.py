@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_REPO = "openai/clip-vit-large-patch14"  # the image tower CLIPVisionModel loads by default
+DINO_REPO = "facebook/dino-vitb8"  # the ViT the general-object losses (supplement eq. 11) read by default
 # the one table from the --dtype setting's names (sample.py, train.py, bench.py) to torch dtypes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,6 +83,19 @@ class VisionConfig:  # defaults: openai/clip-vit-large-patch14's vision_config (
     hidden_act: str = "quick_gelu"
 
 @dataclass
+class ViTConfig:  # defaults: facebook/dino-vitb8's config.json (ViT-B/8 at 224 px)
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 8
+    # transformers' ViT default, which the Hub's DINO configs keep; DINO's own code uses 1e-6. Either is far
+    # below the variance of the tokens normalised, so the two differ by about eps / variance
+    layer_norm_eps: float = 1e-12
+
+@dataclass
 class ScheduleConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -127,6 +141,7 @@ UNSUPPORTED = {
     ),
     "text_encoder": dict(),
     "image_encoder": dict(),
+    "dino": dict(),
     "scheduler": dict(
         prediction_type=("epsilon", "a v-prediction model (e.g. SD 2.x 768)"),
         timestep_spacing=("leading", "another timestep spacing"),
@@ -167,6 +182,11 @@ def config_from_dict(cls, d, part):
         if types - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
             raise ValueError(f"vae/config.json has down_block_types/up_block_types {sorted(types)}; model.py implements "
                              "DownEncoderBlock2D and UpDecoderBlock2D.")
+    if part == "dino":  # what transformers' ViTModel can be set to and this ViT does not do
+        for key, want in (("model_type", "vit"), ("hidden_act", "gelu"), ("qkv_bias", True)):
+            if d.get(key, want) != want:
+                raise ValueError(f"the DINO config.json has {key}={d[key]!r}; model.py implements DINO's ViT as "
+                                 f"transformers' ViTModel stores it ({key}={want!r}), e.g. {DINO_REPO}.")
     if part == "text_encoder" and d.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
         raise ValueError(f"text_encoder/config.json has hidden_act={d['hidden_act']!r}; "
                          "model.py implements quick_gelu and gelu.")
@@ -423,39 +443,12 @@ class CLIPVisionModel(nn.Module):
         CLIP model whose text tower is skipped), a Hub repo id (only those two files are fetched), or "tiny"
         (a small random tower built and saved on first use; 32 px inputs).
         """
-        if os.path.isdir(name_or_dir):
-            path = name_or_dir
-        elif name_or_dir == "tiny":
-            path = tiny_path("tiny-clip")
-            if not os.path.exists(os.path.join(path, "config.json")):
-                print(f"building the tiny random CLIP image tower in {path}")
-                cls.tiny().save_pretrained(path)
-        elif name_or_dir.count("/") == 1 and not name_or_dir.startswith((".", "/", "~")):
-            path = clip_hub_download(name_or_dir)
-        else:
-            raise FileNotFoundError(f"{name_or_dir!r} is neither a folder nor a Hub repo id "
-                                    f"(owner/name, e.g. {CLIP_REPO}) nor 'tiny'")
-        config_file, weights_file = (os.path.join(path, f) for f in ("config.json", "model.safetensors"))
-        for f in (config_file, weights_file):
-            if not os.path.exists(f):
-                raise FileNotFoundError(f"{f} is missing: a CLIP image-tower folder holds config.json and "
-                                        f"model.safetensors, e.g. from `hf download {CLIP_REPO} config.json "
-                                        "model.safetensors --local-dir DIR`")
-        # build on the meta device (no random init), then take the file's tensors
-        with torch.device("meta"):
-            m = cls(config_from_dict(VisionConfig, read_json(config_file), "image_encoder"))
-        load_strict(m, fix_legacy_keys("image_encoder", load_file(weights_file)), weights_file)
-        return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        folder = tower_folder(cls, name_or_dir, CLIP_REPO, "tiny-clip", ("model.safetensors",))
+        return load_tower(cls, VisionConfig, "image_encoder", folder, ("model.safetensors",), device, dtype)
 
     def save_pretrained(self, path):
         """Write config.json and model.safetensors; transformers' CLIPVisionModelWithProjection reads them."""
-        os.makedirs(path, exist_ok=True)
-        cfg = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model",
-               **asdict(self.config)}
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(path, "model.safetensors"))
+        save_tower(self, path, {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model"})
 
     @classmethod
     def tiny(cls, seed=0):
@@ -466,6 +459,130 @@ class CLIPVisionModel(nn.Module):
             torch.manual_seed(seed)
             m = cls(VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  image_size=32, patch_size=8, projection_dim=16))
+        return m.eval().requires_grad_(False)
+
+# -----------------------------------------------------------------------------
+# DINO's ViT (transformers' ViTModel, the layout facebook/dino-vitb8 ships), for the general-object losses
+
+DINO_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics: DINO's pixel normalisation
+DINO_STD = (0.229, 0.224, 0.225)
+
+def dino_preprocess(images, size=224):
+    """(B, 3, H, W) RGB in [0, 1] -> (B, 3, size, size) DINO input: the whole image resized (bilinear, antialiased;
+    no crop, as DINO feature work does), then ImageNet mean and std. Differentiable: x0_hat goes through it.
+    DiffuseIT resizes the shorter side to 224 instead, which is the same for square images."""
+    if not images.is_floating_point():
+        raise TypeError(f"dino_preprocess takes float RGB in [0, 1], got {images.dtype}: divide 8-bit images by 255")
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v, device=x.device).view(3, 1, 1) for v in (DINO_MEAN, DINO_STD))
+    return (x - mean) / std
+
+class ViTEmbeddings(nn.Module):
+    """Pixels -> [CLS] then one token per patch (row by row), plus learned positions, resampled for other sizes."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, n = cfg.hidden_size, cfg.image_size // cfg.patch_size
+        # (1, 1, D) and (1, 1 + n*n, D): the checkpoint stores both with a batch axis
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.position_embeddings = nn.Parameter(torch.randn(1, 1 + n * n, D))
+        # patch_embeddings.projection: a naming level of the checkpoint's
+        self.patch_embeddings = nn.ModuleDict(dict(
+            projection=nn.Conv2d(cfg.num_channels, D, cfg.patch_size, stride=cfg.patch_size)))
+
+    def positions(self, h, w):
+        """(1, 1 + h*w, D) position embeddings for an h x w grid of patches: the trained n x n grid resampled
+        bicubically (DINO's interpolate_pos_encoding), the [CLS] position kept as it is."""
+        pos = self.position_embeddings
+        n, D = math.isqrt(pos.shape[1] - 1), pos.shape[2]
+        if (h, w) == (n, n):
+            return pos
+        grid = pos[:, 1:].reshape(1, n, n, D).permute(0, 3, 1, 2)
+        # to the target size, as transformers does; DINO's code passes scale_factor (w + 0.1) / n instead, which
+        # moves the sampling points by a fraction of a pixel
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, h * w, D)], dim=1)
+
+    def forward(self, pixel_values):
+        x = self.patch_embeddings.projection(pixel_values)  # (B, D, h, w)
+        h, w = x.shape[-2:]
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x.flatten(2).transpose(1, 2)], dim=1)
+        return x + self.positions(h, w)  # (B, 1 + h*w, D)
+
+class ViTLayer(nn.Module):
+    """A pre-norm transformer block that also hands back its attention keys (the structure losses read them)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.layernorm_before = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        # attention.attention.{query,key,value} and attention.output.dense: the checkpoint's (BERT-style) nesting
+        self.attention = nn.ModuleDict(dict(
+            attention=nn.ModuleDict(dict(query=nn.Linear(D, D), key=nn.Linear(D, D), value=nn.Linear(D, D))),
+            output=nn.ModuleDict(dict(dense=nn.Linear(D, D))),
+        ))
+        self.layernorm_after = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        # the MLP's two linears, which the checkpoint names intermediate.dense and output.dense
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(D, cfg.intermediate_size)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(cfg.intermediate_size, D)))
+
+    def forward(self, x):
+        """(B, T, D) -> (B, T, D), and this layer's keys (B, nh, T, hs)."""
+        B, T, D = x.shape
+        a = self.attention.attention
+        h = self.layernorm_before(x)
+        q, k, v = (p(h).view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for p in (a.query, a.key, a.value))
+        y = F.scaled_dot_product_attention(q, k, v)  # every token sees every token
+        x = x + self.attention.output.dense(y.transpose(1, 2).reshape(B, T, D))
+        # exact (erf) GELU: nn.GELU in DINO's code, "gelu" in transformers
+        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x)))), k
+
+class ViT(nn.Module):
+    """DINO's ViT: pixels -> the last hidden state (after the final layer norm), and the last layer's keys."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = ViTEmbeddings(cfg)
+        # encoder.layer.N: a naming level of the checkpoint's, singular `layer` included
+        self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))))
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values, keys=False):
+        """(B, 3, H, W) pixels from dino_preprocess -> (B, 1 + N, D): [CLS], then the N patches row by row. Sizes
+        other than config.image_size resample the position embeddings. keys=True returns (hidden, keys) with the
+        last layer's keys (B, heads, 1 + N, head_dim): its key projection of its layernorm_before output."""
+        x = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
+        for layer in self.encoder.layer:
+            x, k = layer(x)
+        x = self.layernorm(x)
+        return (x, k) if keys else x
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir=DINO_REPO, device="cpu", dtype=torch.float32):
+        """
+        Load from a folder with config.json and model.safetensors or pytorch_model.bin (a transformers ViTModel,
+        as facebook/dino-vitb8 is stored; safetensors preferred), a Hub repo id (only those files are fetched), or
+        "tiny" (a small random ViT built and saved on first use; 32 px inputs).
+        """
+        weights = ("model.safetensors", "pytorch_model.bin")
+        folder = tower_folder(cls, name_or_dir, DINO_REPO, "tiny-dino", weights)
+        return load_tower(cls, ViTConfig, "dino", folder, weights, device, dtype)
+
+    def save_pretrained(self, path):
+        """Write config.json and model.safetensors (the Hub file's key names), which transformers' ViTModel reads."""
+        save_tower(self, path, {"architectures": ["ViTModel"], "model_type": "vit", "hidden_act": "gelu"})
+
+    @classmethod
+    def tiny(cls, seed=0):
+        """A small random ViT (32 px, 8 px patches, 2 layers of 2 heads). The same seed gives the same weights;
+        the caller's global random state is left as it was."""
+        # nn.Module initialisers draw from the global generator: seed a forked copy of it (CPU only)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            m = cls(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              image_size=32, patch_size=8))
         return m.eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
@@ -921,6 +1038,10 @@ def fix_legacy_keys(part, sd):
         # the full CLIP file holds both towers: drop the text tower, its projection and the logit scale
         sd = {k: v for k, v in sd.items() if not k.startswith(("text_model.", "text_projection.", "logit_scale"))}
         sd.pop("vision_model.embeddings.position_ids", None)  # a buffer of 0..256 in older files, not a weight
+    if part == "dino":
+        # DINO has no pooler; transformers' ViTModel adds one (dense + tanh on [CLS], never trained by DINO) and
+        # files it saves carry pooler.dense.*
+        sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
     if part == "vae":  # older diffusers names of the mid-block attention
         legacy = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
         out = {}
@@ -994,20 +1115,63 @@ def hub_file(repo_id, name):
         raise OSError(f"{type(e).__name__}: {first_line}") from None
     return hf_hub_download(repo_id, name)
 
-def clip_hub_download(repo_id):
-    """Fetch a CLIP repo's config.json and model.safetensors (nothing else) through huggingface_hub's cache;
-    returns the folder holding them."""
-    try:
-        config_file = hub_file(repo_id, "config.json")
-        hub_file(repo_id, "model.safetensors")  # lands in the same snapshot folder
-    except OSError as e:
+def tower_hub_download(repo_id, weight_names):
+    """Fetch an image tower's config.json and its weights (the first of weight_names the repo has; nothing
+    else) through huggingface_hub's cache; returns the folder holding them."""
+    def first(*names):  # the local path of the first of names that the cache or the Hub has
+        why = []
+        for name in names:
+            try:
+                return hub_file(repo_id, name)
+            except OSError as e:
+                why.append(f"{name}: {e}")
         raise RuntimeError(
-            f"could not get config.json and model.safetensors of '{repo_id}': they are not in the Hugging Face "
-            f"cache and the Hub cannot be reached ({e}).\n"
+            f"could not get {' or '.join(names)} of '{repo_id}': not in the Hugging Face cache, and fetching failed "
+            f"({'; '.join(why)}).\n"
             f"Fix: run once with network access, or on another machine run\n"
-            f"  hf download {repo_id} config.json model.safetensors --local-dir DIR\n"
-            f"copy DIR here and pass its path instead of '{repo_id}' (eval.py: --clip_model=DIR).") from None
-    return os.path.dirname(config_file)
+            f"  hf download {repo_id} config.json {weight_names[0]} --local-dir DIR\n"
+            f"copy DIR here and pass its path instead of '{repo_id}' (eval.py's clip_model, train.py's dino_model).")
+    first("config.json")
+    return os.path.dirname(first(*weight_names))  # the same snapshot folder
+
+def tower_folder(cls, name_or_dir, repo, tiny_name, weight_names):
+    """The local folder of an image tower (CLIP's, DINO's): name_or_dir itself, "tiny" (cls.tiny() built and
+    saved on first use in the cache), or a Hub repo id (fetched, cached)."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if name_or_dir == "tiny":
+        path = tiny_path(tiny_name)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            print(f"building the tiny random {cls.__name__} in {path}")
+            cls.tiny().save_pretrained(path)
+        return path
+    if name_or_dir.count("/") == 1 and not name_or_dir.startswith((".", "/", "~")):
+        return tower_hub_download(name_or_dir, weight_names)
+    raise FileNotFoundError(f"{name_or_dir!r} is neither a folder nor a Hub repo id (owner/name, e.g. {repo}) nor 'tiny'")
+
+def load_tower(cls, config_cls, part, folder, weight_names, device, dtype):
+    """Build cls from folder/config.json on the meta device (no random init) and load the first of weight_names
+    there strictly; a .bin is read with torch.load(weights_only=True): tensors and plain containers, never code."""
+    config_file = os.path.join(folder, "config.json")
+    weights = [os.path.join(folder, f) for f in weight_names if os.path.exists(os.path.join(folder, f))]
+    if not os.path.exists(config_file) or not weights:
+        missing = " or ".join(weight_names) if os.path.exists(config_file) else "config.json"
+        raise FileNotFoundError(f"{folder} has no {missing}: a {cls.__name__} folder holds config.json and "
+                                f"{' or '.join(weight_names)}")
+    with torch.device("meta"):
+        m = cls(config_from_dict(config_cls, read_json(config_file), part))
+    sd = load_file(weights[0]) if weights[0].endswith(".safetensors") else \
+        torch.load(weights[0], map_location="cpu", weights_only=True)
+    load_strict(m, fix_legacy_keys(part, sd), weights[0])
+    return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+def save_tower(module, path, meta):
+    """config.json (meta + the dataclass config) and model.safetensors, as transformers writes a model folder."""
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**meta, **asdict(module.config)}, f, indent=2)
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
+              os.path.join(path, "model.safetensors"))
 
 def tiny_path(name="tiny-sd"):
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))

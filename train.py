@@ -30,8 +30,9 @@ import torch.nn.functional as F
 import data
 import lora
 from configurator import check_choice, check_device, configure
-from losses import attention_outside, attention_refocus, identity_loss, masked_mse, total_loss
-from model import DTYPES, AttentionRecorder, StableDiffusion
+from losses import (attention_outside, attention_refocus, dino_style_loss, identity_loss, masked_mse,
+                    patch_contrastive_loss, self_similarity_loss, total_loss)
+from model import DTYPES, ViT, AttentionRecorder, StableDiffusion, dino_preprocess
 
 # -----------------------------------------------------------------------------
 # data and model
@@ -89,6 +90,15 @@ id_decode_fp32 = False           # official: decode x0_hat in fp32 and clamp it 
                                  # detector and ArcFace (False: the compute dtype, unclamped)
 latent_mask = "bilinear"         # masks to latent size: "bilinear" (soft edges), or "nearest" (official: hard
                                  # edges, then (m + 0.01) / max, a 1% weight left outside the region)
+# general objects (the supplement's "General Object"): subject="object" learns any object's structure as <v1>
+# and a reference's texture as <v2>: masks from <name>_mask.png (else the whole photo), no face models, no
+# identity loss, the reference unmasked, and the composed prompt trained with DINO losses on x0_hat (eq. 11)
+subject = "face"                 # "face" (portraits) or "object"
+lambda_ssim = 0.1                # eq. 11 weights (supplement): DINO key self-similarity to the source photo,
+lambda_contra = 0.2              # patch-wise contrast of those keys,
+lambda_style = 2.0               # and the [CLS] token against the reference photo's
+dino_model = "facebook/dino-vitb8"
+dino_size = 224                  # DINO's input side
 # faces: "" takes the file from the Hub repo facefusion/models-3.0.0 (InsightFace detector and ArcFace,
 # BiSeNet parser); or a local .onnx
 detector_model = ""
@@ -128,6 +138,9 @@ config = configure(globals())
 check_choice("dtype", dtype, DTYPES)
 check_choice("id_target", id_target, ("mean", "own"))
 check_choice("latent_mask", latent_mask, ("bilinear", "nearest"))
+check_choice("subject", subject, ("face", "object"))
+if subject == "object" and (lambda_id > 0 or source_face_crop):
+    raise SystemExit("subject=object has no faces: set lambda_id=0 and source_face_crop=False (config/object.py does)")
 device = check_device(device)
 if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and phase1_steps + phase2_steps > 0
                             and grad_accum >= 1 and keep_checkpoints >= 1):
@@ -199,11 +212,16 @@ except OSError as e:
 # -----------------------------------------------------------------------------
 # data: read, check, crop, masks; all before any model loads
 if synthetic_data:
-    data.make_synthetic(source_dir, reference_dir)
+    data.make_synthetic(source_dir, reference_dir, objects=subject == "object")
 sources = data.load_folder(source_dir)
 references = data.load_folder(reference_dir)
 photos = sources + references
 unmasked = [p.path for p in photos if p.mask_photo is None]
+if subject == "object":  # no parser for objects: a photo without a mask is all object (the references' always are)
+    whole = [p.path for p in sources if p.mask_photo is None]
+    if whole:
+        print("warning: no <name>_mask.png for " + ", ".join(whole) + ": the whole photo counts as the object")
+    unmasked = []
 need = {"detector": source_face_crop or lambda_id > 0 or bool(unmasked),
         "parser": bool(unmasked), "recognizer": lambda_id > 0}
 face_files = {}  # kind -> local .onnx path
@@ -218,8 +236,9 @@ if any(need.values()):
         face_files = {k: faces.model_path(k, chosen[k] or None) for k, on in need.items() if on}
     except faces.MissingModel as e:
         listed = "".join(f"\n  {p}" for p in unmasked)
-        raise SystemExit(f"{e}\nThe face models are needed for {', '.join(why)}."
-                         + (f" Photos without a mask:{listed}\nor give each a <name>_mask.png (white = face)." if unmasked else ""))
+        photos_hint = (f" Photos without a mask:{listed}\nor give each a <name>_mask.png (white = face)."
+                       if unmasked else "")
+        raise SystemExit(f"{e}\nThe face models are needed for {', '.join(why)}.{photos_hint}")
 
 def find_faces(photos):
     """Each photo's largest face, checked; detections cached in out_dir/faces.json (a resumed run reuses them)."""
@@ -266,7 +285,9 @@ for p in photos:
     data.crop(p, data.square_around(p.photo.size, around, face_margin), resolution)
     if p.face is not None:
         p.face = face_in_crop(p.face, p.square)
-    if p.mask is None:  # the paper's face region from the parser, inside the detected box
+    if p.mask is None and subject == "object":
+        p.mask = torch.ones(1, resolution, resolution)
+    elif p.mask is None:  # the paper's face region from the parser, inside the detected box
         m = faces.face_mask(data.to_uint8(p.image / 2 + 0.5), p.face, model=face_files["parser"], classes=mask_classes)
         p.mask = torch.from_numpy(np.asarray(m, np.float32))[None]
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
@@ -274,7 +295,8 @@ for kind, group in (("source", sources), ("reference", references)):
     for p in group:
         name = os.path.splitext(os.path.basename(p.path))[0]
         data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
-data.check_masks(photos, min_mask_fraction)
+data.check_masks(photos if subject == "face" else [p for p in sources if p.mask_photo is not None],
+                 min_mask_fraction)
 print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
 
 # -----------------------------------------------------------------------------
@@ -347,6 +369,19 @@ ref_mean, ref_std = encode(torch.stack([p.image for p in references]))
 src_face = to_latent(torch.stack([p.mask for p in sources]))          # M_s of eq. 4
 ref_face = to_latent(torch.stack([p.mask for p in references]))       # <v1>'s region on a reference (eq. 8)
 ref_rest = to_latent(1 - torch.stack([p.mask for p in references]))   # M_r of eq. 5-6: everything but the face
+if subject == "object":  # the whole reference photo is the texture: plain L^r, and <v2> may attend anywhere
+    ref_rest = torch.ones_like(ref_rest)
+
+if subject == "object":  # eq. 11: a frozen DINO ViT, and what x0_hat is compared with
+    dino = ViT.from_pretrained(dino_model, device=device, dtype=ptdtype)
+
+    def dino_features(images):
+        """(B, 3, R, R) images in [-1, 1] -> DINO's last hidden state (B, 1 + N, D) and last-layer keys."""
+        return dino(dino_preprocess((images.float() / 2 + 0.5).clamp(0, 1), dino_size), keys=True)
+
+    with torch.no_grad(), autocast:
+        src_keys = dino_features(torch.stack([p.image for p in sources]).to(device))[1].float()  # structure
+        ref_cls = dino_features(torch.stack([p.image for p in references]).to(device))[0][:, 0].float()  # texture
 
 @torch.no_grad()
 def class_images():
@@ -405,6 +440,7 @@ class Task:
     attn_masks: tuple     # the region <v1> and <v2> may attend to (eq. 8); None for a token not in the prompt
     weight: float         # style_boost on r and c in the first half of a phase (official code)
     source: int | None    # the source photo whose identity eq. 7 asks for (s and c); None: no identity term
+    reference: int | None  # the reference photo (r and c): eq. 11's texture target for objects
 
 augment = hflip or color_jitter > 0
 
@@ -430,15 +466,18 @@ def draw_tasks(phase, boost):
     zs, (face_s,) = view(sources, s, src_mean, src_std, [src_face])
     zr, (face_r, rest_r) = view(references, r, ref_mean, ref_std, [ref_face, ref_rest])
     whole = torch.ones_like(face_s)
-    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), face_s if masked else whole, (face_s, None), 1.0, s),
+    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), face_s if masked else whole, (face_s, None), 1.0, s,
+                  None),
              Task("r", zr, prompt(reference_templates, tokens[1]), rest_r if masked else whole, (None, rest_r), boost,
-                  None)]
-    if phase == 2 and composed:  # the reference photo is the pseudo-label for all but the face; s its identity
-        tasks.append(Task("c", zr, prompt(composed_templates, *tokens), rest_r, (face_r, rest_r), boost, s))
+                  None, r)]
+    if phase == 2 and composed and subject == "face":  # the reference photo is the pseudo-label for all but the
+        tasks.append(Task("c", zr, prompt(composed_templates, *tokens), rest_r, (face_r, rest_r), boost, s, r))  # face
+    if phase == 2 and composed and subject == "object":  # no pseudo-label: the source's structure, eq. 11
+        tasks.append(Task("c", zs, prompt(composed_templates, *tokens), whole, (face_s, whole), boost, s, r))
     if phase == 2 and prior_prompt:  # prior preservation: a class image under the class prompt, whole
         k = pick(len(prior_mean))
         zp = (prior_mean[k] + prior_std[k] * rand(*prior_mean[k].shape)) * scale_factor
-        tasks.append(Task("p", zp, prior_prompt, whole, (None, None), lambda_prior, None))
+        tasks.append(Task("p", zp, prior_prompt, whole, (None, None), lambda_prior, None, None))
     return tasks
 
 def micro_step_losses(phase, boost):
@@ -451,13 +490,17 @@ def micro_step_losses(phase, boost):
     text_ids = sd.tokenizer([task.prompt for task in tasks]).to(device)
     record = phase == 2 and lambda_attn > 0
     rec = AttentionRecorder(text_ids, ids, attn_resolutions if record else ())  # () records nothing
+    z_t = sd.schedule.add_noise(z0, noise, t)
     with autocast, sd.unet.record_attention(rec):
         context = sd.text_encoder(text_ids)
-        pred = sd.unet(sd.schedule.add_noise(z0, noise, t), t, context)
-    recon = torch.stack([masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])  # eq. 4 (s), 5 (r), 6 (c)
+        pred = sd.unet(z_t, t, context)
+    terms = {}
+    recon = torch.stack([object_composed_loss(z_t[i:i + 1], pred[i:i + 1], t[i:i + 1], task, terms)  # eq. 11
+                         if task.name == "c" and subject == "object" else
+                         masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])  # eq. 4 (s), 5 (r), 6 (c)
                          for i, task in enumerate(tasks)])
     attn, ident = torch.zeros_like(recon), torch.zeros_like(recon)
-    terms = {task.name: recon[i] for i, task in enumerate(tasks)}
+    terms.update({task.name: recon[i] for i, task in enumerate(tasks)})
     if record:
         if not rec.maps:
             raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at "
@@ -479,6 +522,21 @@ def micro_step_losses(phase, boost):
             terms["id"] = values[found].mean()
     weight = torch.tensor([task.weight for task in tasks], device=recon.device)
     return total_loss(recon, attn, ident, weight, lambda_attn, lambda_id), terms, missed  # eq. 10
+
+def object_composed_loss(z_t, eps, t, task, terms):
+    """Eq. 11 (supplement, "General Object"; after Kwon & Ye's DiffuseIT): the composed sample has no pseudo-label,
+    so its x0_hat (Tweedie, from this pass), decoded with gradient, goes through DINO: the self-similarity and the
+    patches of its last-layer keys against the source photo's (structure), its [CLS] token against the reference
+    photo's (texture). Each term is logged; returns lambda_ssim L_ssim + lambda_contra L_contra
+    + lambda_style L_style."""
+    z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t)
+    with autocast:
+        hidden, keys = dino_features(sd.vae.decode((z0_hat / scale_factor).to(ptdtype)))
+    keys = keys.float()
+    terms["ssim"] = self_similarity_loss(keys, src_keys[task.source][None]).mean()
+    terms["contra"] = patch_contrastive_loss(keys, src_keys[task.source][None]).mean()
+    terms["style"] = dino_style_loss(hidden[:, 0].float(), ref_cls[task.reference][None]).mean()
+    return lambda_ssim * terms["ssim"] + lambda_contra * terms["contra"] + lambda_style * terms["style"]
 
 def identity_term(z0, noise, context, targets):
     """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
@@ -520,11 +578,16 @@ def evaluate(step):
 
 @torch.no_grad()
 def attention_on_validation():
-    """Composed prompt on every reference photo at t=500, fixed noise. attn_outside: each token's mean
-    scaled attention outside its mask (what eq. 8 lowers). attn_mass: its mean raw attention probability,
-    which the min-max scaling of eq. 8 cannot see: a token can satisfy eq. 8 by receiving almost none."""
+    """Composed prompt on every reference photo (source photo for objects) at t=500, fixed noise.
+    attn_outside: each token's mean scaled attention outside its mask (what eq. 8 lowers). attn_mass: its
+    mean raw attention probability, which the min-max scaling of eq. 8 cannot see: a token can satisfy
+    eq. 8 by receiving almost none."""
     g = torch.Generator().manual_seed(seed)
-    z0 = ref_mean * scale_factor
+    # the composed prompt's photos: the references (portraits), or the sources (objects: their structure)
+    if subject == "object":
+        z0, regions = src_mean * scale_factor, [src_face, torch.ones_like(src_face)]
+    else:
+        z0, regions = ref_mean * scale_factor, [ref_face, ref_rest]
     noise = torch.randn(z0.shape, generator=g).to(device)
     t = torch.full((len(z0),), T // 2, device=device)
     text_ids = sd.tokenizer([val_prompts[0]] * len(z0)).to(device)
@@ -533,7 +596,7 @@ def attention_on_validation():
         sd.unet(sd.schedule.add_noise(z0, noise, t), t, sd.text_encoder(text_ids))
     if not rec.maps:
         return {}
-    outside = attention_outside(rec.maps, torch.stack([ref_face, ref_rest], dim=1)[:, :, 0])
+    outside = attention_outside(rec.maps, torch.stack(regions, dim=1)[:, :, 0])
     mass = torch.stack([m.float().mean(dim=(0, 1, 2, 3)) for m in rec.maps]).mean(0)
     return dict(attn_outside={tok: round(v, 5) for tok, v in zip(tokens, outside.tolist())},
                 attn_mass={tok: float(f"{v:.3g}") for tok, v in zip(tokens, mass.tolist())})
@@ -545,7 +608,7 @@ def setup_phase(phase):
     if phase == 1:
         groups = [dict(name="embeds", params=[embeds], lr=lr_embed1, weight_decay=0.0)]
         return make_optimizer(groups, phase1_steps)
-    if lora_targets and not lora.lora_modules(sd.unet):  # LoRA's init from its own generator: the same whatever ran before
+    if lora_targets and not lora.lora_modules(sd.unet):  # LoRA's init from its own generator: same whatever ran before
         g = torch.Generator().manual_seed(seed)
         lora.inject(sd.unet, lora_targets, rank=lora_rank, alpha=lora_alpha, generator=g)
         if lora_text_encoder:
@@ -604,7 +667,7 @@ def plot_losses(log_path, png_path):
     with open(log_path) as f:
         rows = [json.loads(l) for l in f if l.strip()]
     fig, ax = plt.subplots(figsize=(8, 4))
-    for key in ("loss", "loss_s", "loss_r", "loss_c", "loss_p", "loss_attn"):
+    for key in ("loss", "loss_s", "loss_r", "loss_c", "loss_p", "loss_attn", "loss_ssim", "loss_contra", "loss_style"):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             ax.plot(*zip(*pts), label=key, lw=1)

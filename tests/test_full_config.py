@@ -1,4 +1,4 @@
-"""Parity at the full SD1.5 configuration with random weights (slow: the slow suite takes about 30 s on 2 idle
+"""Parity at the full SD1.5 configuration with random weights (slow: the slow suite takes 33 s on 2 idle
 CPU cores, peak RSS 3.8 GiB).
 Run: python -m pytest -q -m slow"""
 import pytest

@@ -154,3 +154,87 @@ def test_attention_outside_hand_value():
     expected = (0.25 + 0.5 + 1.0) / 3
     got = losses.attention_outside(maps, masks)
     assert got.shape == (1,) and math.isclose(got.item(), expected, rel_tol=1e-6), f"got {got}"
+
+
+# eq. 11 (general objects): DINO key and [CLS] losses
+
+def _keys(tokens_per_head):
+    """(1, heads, T, d) keys from a list over heads of (T, d) lists."""
+    return torch.tensor(tokens_per_head)[None]
+
+
+def test_self_similarity_hand_value_concatenates_heads():
+    """L_ssim on 3 tokens: token vectors are the heads concatenated ((1,0), (0,1), (1,1)); the reference's tokens
+    all point one way (S_ref = 1), so L = (2 * 1 + 4 * (1 - 1/sqrt 2)^2) / 9."""
+    keys = _keys([[[1.0], [0.0], [1.0]], [[0.0], [1.0], [1.0]]])  # (1, 2 heads, 3 tokens, 1)
+    ref = _keys([[[1.0], [2.0], [0.5]], [[0.0], [0.0], [0.0]]])
+    expected = (2 + 4 * (1 - 1 / math.sqrt(2)) ** 2) / 9
+    got = losses.self_similarity_loss(keys, ref)
+    assert got.shape == (1,) and math.isclose(got.item(), expected, rel_tol=1e-6), f"got {got}, expected {expected}"
+
+
+def test_self_similarity_zero_for_same_geometry_and_grows_with_noise():
+    """L_ssim is 0 for identical keys and for keys rescaled per token (cosines unchanged), per sample; noise on
+    the keys raises it, more noise more; the gradient reaches keys only, finite and nonzero."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 3, 10, 4, generator=g)
+    scaled = ref * torch.rand(2, 1, 10, 1, generator=g).add(0.5)  # one positive scale per token, shared by heads
+    zero = losses.self_similarity_loss(torch.stack([ref[0], scaled[1]]), ref)
+    assert zero.abs().max() < 1e-6, f"identical / rescaled keys: {zero}"
+    noise = torch.randn(2, 3, 10, 4, generator=g)
+    small, large = (losses.self_similarity_loss(ref + s * noise, ref) for s in (0.1, 1.0))
+    assert (small > 1e-4).all() and (large > small).all(), f"noise 0.1: {small}, noise 1: {large}"
+    keys = (ref + 0.3 * noise).requires_grad_()
+    ref = ref.clone().requires_grad_()
+    losses.self_similarity_loss(keys, ref).sum().backward()
+    assert torch.isfinite(keys.grad).all() and keys.grad.abs().sum() > 0, keys.grad
+    assert ref.grad is None, "the source photo's keys are a fixed target"
+
+
+def test_patch_contrastive_hand_value():
+    """PatchNCE with tau = 1 on two orthogonal source tokens: a query equal to the other token pays
+    log(1 + e), one equal to its own token log(1 + 1/e); the loss is their mean."""
+    ref = _keys([[[1.0, 0.0], [0.0, 1.0]]])  # (1, 1 head, 2 tokens, 2)
+    keys = _keys([[[0.0, 2.0], [0.0, 3.0]]])  # both queries point along token 1 (lengths do not matter)
+    expected = (math.log(1 + math.e) + math.log(1 + 1 / math.e)) / 2
+    got = losses.patch_contrastive_loss(keys, ref, temperature=1.0)
+    assert got.shape == (1,) and math.isclose(got.item(), expected, rel_tol=1e-6), f"got {got}, expected {expected}"
+
+
+def test_patch_contrastive_minimum_and_ordering():
+    """With orthogonal source tokens, identical keys reach the bound log(1 + (T - 1) e^(-1/tau)) (about 3e-6 at
+    CUT's tau = 0.07); with random ones, identical keys cost less than noisy keys, which cost less than tokens
+    shuffled; the gradient reaches keys only, finite and nonzero."""
+    T = 6
+    ref = torch.eye(T).reshape(1, 1, T, T)  # (1, 1 head, T tokens, d = T)
+    for tau in (0.25, 0.07):
+        bound = math.log(1 + (T - 1) * math.exp(-1 / tau))
+        got = losses.patch_contrastive_loss(ref.clone(), ref, temperature=tau).item()
+        # fp32 logits of size 1 / tau leave an absolute error of about 1e-7
+        assert math.isclose(got, bound, rel_tol=1e-5, abs_tol=2e-7), f"tau {tau}: got {got}, expected {bound}"
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 3, 20, 8, generator=g)
+    same = losses.patch_contrastive_loss(ref.clone(), ref)
+    noisy = losses.patch_contrastive_loss(ref + 0.5 * torch.randn(ref.shape, generator=g), ref)
+    shuffled = losses.patch_contrastive_loss(ref[:, :, torch.randperm(20, generator=g)], ref)
+    assert (same < noisy).all() and (noisy < shuffled).all(), f"same {same}, noisy {noisy}, shuffled {shuffled}"
+    keys = (ref + 0.3 * torch.randn(ref.shape, generator=g)).requires_grad_()
+    ref = ref.clone().requires_grad_()
+    losses.patch_contrastive_loss(keys, ref).sum().backward()
+    assert torch.isfinite(keys.grad).all() and keys.grad.abs().sum() > 0, keys.grad
+    assert ref.grad is None, "the source photo's keys are a fixed target"
+
+
+def test_dino_style_loss_is_mse_of_cls():
+    """L_style is the mean squared difference of the [CLS] tokens, per sample: 0 when equal, (0 + 4 + 9) / 3 for a
+    hand pair, larger for a larger offset; its gradient 2 (cls - cls_ref) / D reaches cls only."""
+    cls = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]], requires_grad=True)
+    ref = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5]], requires_grad=True)
+    got = losses.dino_style_loss(cls, ref)
+    assert got.tolist() == pytest.approx([13 / 3, 0.0], abs=1e-6), f"got {got}"
+    got.sum().backward()
+    expected = 2 * (cls - ref).detach() / 3
+    assert torch.allclose(cls.grad, expected), f"grad {cls.grad}, expected {expected}"
+    assert ref.grad is None, "the reference photo's [CLS] is a fixed target"
+    far = losses.dino_style_loss(torch.tensor([[1.0, 4.0, 6.0]]), ref[:1])
+    assert far.item() > 13 / 3, f"a larger offset gave {far.item()}"

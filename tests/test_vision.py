@@ -132,7 +132,7 @@ def test_bad_inputs_are_clear(tmp_path):
         with pytest.raises(ValueError, match=f"{key}='{value}'"):
             model.CLIPVisionModel.from_pretrained(str(tmp_path))
     os.remove(tmp_path / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors"):
         model.CLIPVisionModel.from_pretrained(str(tmp_path))
     with pytest.raises(ValueError, match=r"clip_preprocess\(images, size=32\)"):
         model.CLIPVisionModel.tiny()(torch.randn(1, 3, 64, 64))

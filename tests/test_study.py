@@ -1,0 +1,149 @@
+"""study.py on a tiny grid (MagiCapture and Textual Inversion, one pair, stand-in face models, the tiny CLIP tower):
+its tables and contact sheet, a second call that only scores, an interrupted run resumed, a failed run reported.
+Run: python -m pytest -q tests/test_study.py"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import standins
+import study
+from test_eval import env  # noqa: F401 (a fixture: tiny pipeline and CLIP tower, stand-in face models, data, predictor)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = "config/baseline_ti.py,config/portrait.py"
+# step_scale 0.0004: Textual Inversion 5000 + 0 -> 2 + 0 steps, MagiCapture 1200 + 1500 -> 1 + 1 (at least 1 each)
+TRAIN = ("--init_from=tiny --variant=None --resolution=64 --attn_resolutions=(4,) --eval_steps=2 --eval_interval=1000 "
+         "--device=cpu --dtype=fp32 --lambda_id=0 --grad_accum=1 --ckpt_interval=1 --keep_checkpoints=2")
+
+
+def call_study(env, out, *args):
+    m = env["models"]
+    post = env["root"] / "post"
+    post.mkdir(exist_ok=True)
+    eval_args = shlex.join(["--num_images=2", "--steps=2", "--batch_size=2", "--clip_model=tiny",
+                            "--descriptions=('smiling',)", "--device=cpu", "--dtype=fp32",
+                            f"--aesthetic_model={env['mlp']}", f"--detector_model={m['detector']}",
+                            f"--recognizer_model={m['recognizer']}", f"--parser_model={m['parser']}",
+                            f"--upscaler_model={standins.upscaler(str(post / 'up.onnx'))}",
+                            f"--restorer_model={standins.restorer(str(post / 'cf.onnx'))}"])
+    cmd = [sys.executable, "study.py", f"--pairs=drawn={env['root'] / 'src'}:{env['root'] / 'ref'}",
+           f"--configs={CONFIGS}", f"--out_dir={out}", f"--train_args={TRAIN}", f"--eval_args={eval_args}",
+           "--step_scale=0.0004", *args]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, XDG_CACHE_HOME=str(env["root"] / "xdg")),
+                       capture_output=True, text=True)
+    print(f"study.py {' '.join(args)}: {time.time() - t0:.1f} s")
+    return r
+
+
+@pytest.fixture(scope="module")
+def grid(env):  # noqa: F811
+    out = env["root"] / "study"
+    r = call_study(env, out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r
+
+
+ROWS = ["baseline_ti", "baseline_ti + post-processing", "portrait", "portrait + post-processing"]
+
+
+def test_tables_and_contact_sheet(grid):
+    """study.json and study.md hold one row per method (post-processing rows too), each the per-image scores of
+    eval.json pooled; the paper's numbers stand beside them; study.png has one 64 px row per method."""
+    out, r = grid
+    result = json.load(open(out / "study.json"))
+    assert [m["method"] for m in result["methods"]] == ROWS
+    for m in result["methods"]:
+        part = "enhanced" if "post-processing" in m["method"] else "plain"
+        images = json.load(open(out / m["method"].split(" ")[0] / "drawn" / "eval" / "eval.json"))[part]["images"]
+        assert m["pairs"] == 1 and m["images"] == 2 and m["faces_not_found"] == 0, m
+        for metric in study.METRICS:
+            want = np.mean([im[metric] for im in images]), np.std([im[metric] for im in images])
+            got = m[metric]["mean"], m[metric]["std"]
+            assert np.allclose(got, want), f"{m['method']} {metric}: {got} pooled, eval.json {want}"
+    assert result["paper"]["portrait"]["csim"] == 0.566 and result["paper"]["baseline_ti"]["style"] == 0.623
+    lines = (out / "study.md").read_text().splitlines()
+    ours = [l for l in lines if l.startswith("| ") and "±" in l]
+    assert [l.split("|")[1].strip() for l in ours] == ROWS, ours
+    assert "| portrait + post-processing | MagiCapture + post-processing | 0.508 | 0.737 | 6.184 |" in lines
+    assert Image.open(out / "study.png").size == (64, 4 * (64 + 14))
+    assert "[1/2" in r.stdout and "[2/2" in r.stdout and "evaluating 2 runs" in r.stdout
+    logged = [json.loads(l)["step"] for l in open(out / "baseline_ti" / "drawn" / "log.jsonl")]
+    assert logged[-1] == 2 and "2 + 0 steps" in r.stdout and "1 + 1 steps" in r.stdout, (logged, r.stdout[-2000:])
+
+
+def test_second_call_only_scores(grid, env):  # noqa: F811
+    """Called again, the study trains nothing (train.out untouched), eval.py reuses every image, the tables stay."""
+    out, _ = grid
+    before = {m: os.stat(out / m / "drawn" / "train.out").st_mtime_ns for m in ("baseline_ti", "portrait")}
+    table = json.load(open(out / "study.json"))["methods"]
+    r = call_study(env, out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("finished, kept") == 2 and ": training" not in r.stdout, r.stdout[-2000:]
+    assert r.stdout.count("scoring them again") == 2 and "drawing drawn" not in r.stdout, r.stdout[-2000:]
+    assert {m: os.stat(out / m / "drawn" / "train.out").st_mtime_ns for m in before} == before
+    assert json.load(open(out / "study.json"))["methods"] == table
+
+
+def test_interrupted_run_is_resumed(grid, env):  # noqa: F811
+    """A run whose last checkpoint and weights are gone is resumed from the checkpoint before, to the same weights."""
+    out, _ = grid
+    run = out / "portrait" / "drawn"
+    weights = load_file(str(run / "learned_embeds.safetensors"))
+    for name in ("checkpoints/step000002.pt", "learned_embeds.safetensors", "pytorch_lora_weights.safetensors",
+                 "lora_kohya.safetensors"):
+        os.remove(run / name)
+    r = call_study(env, out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "interrupted: resuming from step000001.pt" in r.stdout, r.stdout[-2000:]
+    assert "at step 1" in (run / "train.out").read_text()
+    again = load_file(str(run / "learned_embeds.safetensors"))
+    for k in weights:
+        assert torch.equal(again[k], weights[k]), f"{k}: max diff {(again[k] - weights[k]).abs().max()}"
+    assert [json.loads(l)["step"] for l in open(run / "log.jsonl")] == [1, 2]
+    assert r.stdout.count("finished, kept") == 1 and "| portrait | " in (out / "study.md").read_text()
+
+
+def test_failed_run_is_reported(grid, env, tmp_path):  # noqa: F811
+    """A run that fails is named with its command and output; the others still make the tables; exit status 1."""
+    out, _ = grid
+    bad = tmp_path / "bad.py"
+    bad.write_text("min_mask_fraction = 0.7\n")  # train.py stops at its settings check
+    r = call_study(env, out, f"--configs=config/baseline_ti.py,{bad}", "--evaluate=False")
+    assert r.returncode == 1 and "1 of 2 runs failed" in r.stderr, r.stderr[-3000:]
+    assert f"FAILED {out / 'bad' / 'drawn'}" in r.stderr and f"train.py {bad}" in r.stderr, r.stderr[-3000:]
+    assert "min_mask_fraction must be in [0, 0.5)" in r.stderr, r.stderr[-3000:]
+    text = (out / "study.md").read_text()
+    assert "## Failed runs" in text and "| baseline_ti | " in text and "| bad | — | — | — | 0 | not evaluated |" in text
+
+
+def test_pairs_and_plans(tmp_path):
+    """Pair names (given or from the folders; alike ones refused) and what a folder asks of train.py."""
+    got = study.parse_pairs("data/me:data/passport, wed=data/me:data/wedding")
+    assert [(p.name, p.source_dir, p.reference_dir) for p in got] == \
+        [("me_passport", "data/me", "data/passport"), ("wed", "data/me", "data/wedding")]
+    for bad in ("data/me", "a/b:c/d,e/b:f/d", "x/y=a:b"):
+        with pytest.raises(SystemExit, match="pairs"):
+            study.parse_pairs(bad)
+    run = study.Run("config/portrait.py", "portrait", got[0], str(tmp_path), 2, 3)
+    assert study.plan(run) == ("new", "")
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n')
+    assert study.plan(run)[0] == "overwrite"  # a log, no checkpoint: train.py would refuse without --overwrite
+    os.makedirs(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "step000001.pt").write_bytes(b"")
+    assert study.plan(run) == ("resume", "interrupted: resuming from step000001.pt")
+    (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 5}\n')
+    (tmp_path / "learned_embeds.safetensors").write_bytes(b"")
+    assert study.plan(run)[0] == "finished"
+    (tmp_path / "config.json").write_text('{"phase1_steps": 4, "phase2_steps": 1}')  # the same total, split otherwise
+    action, why = study.plan(run)
+    assert action == "other" and "4 + 1 steps" in why and "another out_dir" in why, why
