@@ -4,9 +4,6 @@ import json
 import os
 import pickle
 import re
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -188,18 +185,6 @@ def test_tiny_is_cached_and_seeded_locally(tmp_path, monkeypatch):
     assert not torch.equal(a.embeddings.cls_token, c.embeddings.cls_token), "seed=1 gave seed 0's weights"
     hidden, keys = a(torch.randn(2, 3, 32, 32), keys=True)
     assert hidden.shape == (2, 17, 32) and keys.shape == (2, 2, 17, 16), (hidden.shape, keys.shape)
-
-def test_offline_without_cache_is_clear(tmp_path):
-    """With HF_HUB_OFFLINE=1 and an empty cache, the default repo fails within seconds with the download command."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    t = time.time()
-    r = subprocess.run([sys.executable, "-c", "import model; model.ViT.from_pretrained()"], env=env,
-                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    seconds = time.time() - t
-    assert r.returncode != 0 and seconds < 10, f"exit {r.returncode} after {seconds:.1f} s"
-    want = "hf download facebook/dino-vitb8 config.json model.safetensors --local-dir DIR"
-    assert "HF_HUB_OFFLINE=1" in r.stderr and want in r.stderr and "During handling" not in r.stderr, r.stderr[-2000:]
 
 def test_bad_inputs_are_clear(tmp_path):
     """Another model_type, hidden_act or qkv_bias, no weights file, uint8 pixels: errors that say so."""

@@ -109,16 +109,19 @@ def test_tiny_is_cached_and_seeded_locally(tmp_path, monkeypatch):
     assert not torch.equal(a.visual_projection.weight, c.visual_projection.weight), "seed=1 gave seed 0's weights"
     assert a(torch.randn(2, 3, 32, 32)).shape == (2, 16)
 
-def test_offline_without_cache_is_clear(tmp_path):
-    """With HF_HUB_OFFLINE=1 and an empty cache, the default repo fails within seconds with the download command."""
+@pytest.mark.parametrize("tower,repo", [("CLIPVisionModel", "openai/clip-vit-large-patch14"),
+                                        ("ViT", "facebook/dino-vitb8")])
+def test_offline_without_cache_is_clear(tmp_path, tower, repo):
+    """With HF_HUB_OFFLINE=1 and an empty cache, an image tower's default repo (CLIP's, DINO's) fails within
+    seconds with the download command."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     t = time.time()
-    r = subprocess.run([sys.executable, "-c", "import model; model.CLIPVisionModel.from_pretrained()"], env=env,
+    r = subprocess.run([sys.executable, "-c", f"import model; model.{tower}.from_pretrained()"], env=env,
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     seconds = time.time() - t
     assert r.returncode != 0 and seconds < 10, f"exit {r.returncode} after {seconds:.1f} s"
-    want = "hf download openai/clip-vit-large-patch14 config.json model.safetensors --local-dir DIR"
+    want = f"hf download {repo} config.json model.safetensors --local-dir DIR"
     assert "HF_HUB_OFFLINE=1" in r.stderr and want in r.stderr and "During handling" not in r.stderr, r.stderr[-2000:]
 
 def test_bad_inputs_are_clear(tmp_path):
