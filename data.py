@@ -284,6 +284,9 @@ def make_synthetic(source_dir, reference_dir, n=4, size=256, seed=0, objects=Fal
     objects=True (train.py's subject="object"): sources are a drawn toy with its mask, references a
     checkered texture in a fixed palette with no mask (the whole photo is the style).
     Draws only into a missing or empty folder, or over a set it drew before (same seed: the same images)."""
+    if os.path.abspath(source_dir) == os.path.abspath(reference_dir):
+        raise SystemExit(f"synthetic_data draws the person and the style into two folders, but source_dir and "
+                         f"reference_dir are both {source_dir}: give them different folders")
     old_source, old_reference = drawn_files(source_dir), drawn_files(reference_dir)  # both checked first
     rng = np.random.default_rng(seed)
     for folder, styled, old in ((source_dir, False, old_source), (reference_dir, True, old_reference)):

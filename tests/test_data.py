@@ -299,3 +299,10 @@ def test_color_jitter_is_torchvisions_brightness_and_contrast():
     b = data.color_jitter(img, 0.5, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1 and not torch.equal(a, img)
     assert torch.allclose(data.color_jitter(img, 0.0, torch.Generator()), img, atol=1e-6)
+
+
+def test_synthetic_data_needs_two_folders(tmp_path):
+    """Drawing the person and the style into one folder (the references would replace the sources) stops first."""
+    with pytest.raises(SystemExit, match="both"):
+        data.make_synthetic(str(tmp_path / "same"), str(tmp_path / "same" / ".." / "same"))
+    assert not (tmp_path / "same").exists()
