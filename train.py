@@ -116,6 +116,8 @@ hflip = False                    # official: flip each sample horizontally with 
 color_jitter = 0.0               # official: ColorJitter(brightness=0.1, contrast=0.1) on each sample
 # optimisation
 grad_accum = 4                   # paper: batch 1, gradient accumulation 4
+batch_size = 1                   # draws of a source and a reference photo (and their tasks) run as one UNet pass;
+                                 # batch_size=4, grad_accum=1 gives the paper's batch of 4 in one pass per step
 weight_decay = 1e-3              # AdamW, on LoRA (official); embeddings have none
 grad_clip = 1.0                  # max gradient norm (official: 1.0)
 grad_clip_phase1 = True          # also clip in phase 1 (official: phase 2 only)
@@ -143,8 +145,8 @@ if subject == "object" and (lambda_id > 0 or source_face_crop):
     raise SystemExit("subject=object has no faces: set lambda_id=0 and source_face_crop=False (config/object.py does)")
 device = check_device(device)
 if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and phase1_steps + phase2_steps > 0
-                            and grad_accum >= 1 and keep_checkpoints >= 1):
-    raise SystemExit("tokens must be two strings; phase steps >= 0, and > 0 together; grad_accum >= 1; "
+                            and grad_accum >= 1 and batch_size >= 1 and keep_checkpoints >= 1):
+    raise SystemExit("tokens must be two strings; phase steps >= 0, and > 0 together; grad_accum, batch_size and "
                      "keep_checkpoints >= 1")
 if resolution % 64:
     raise SystemExit(f"resolution must be a multiple of 64, got {resolution}")
@@ -480,13 +482,22 @@ def draw_tasks(phase, boost):
         tasks.append(Task("p", zp, prior_prompt, whole, (None, None), lambda_prior, None, None))
     return tasks
 
+def draw_micro_batch(phase, boost):
+    """batch_size draws of the phase's tasks, each followed by its noise and timesteps, so that a draw is the
+    same whether it runs in a batch or in a micro-step of its own -> (tasks, noise, t)."""
+    tasks, noise, t = [], [], []
+    for _ in range(batch_size):
+        drawn = draw_tasks(phase, boost)
+        tasks += drawn
+        noise.append(rand(len(drawn), *drawn[0].latent.shape))
+        t.append(torch.randint(phase2_t_max if phase == 2 else T, (len(drawn),), generator=gen))
+    return tasks, torch.cat(noise), torch.cat(t).to(device)
+
 def micro_step_losses(phase, boost):
     """The phase's loss for one micro-step, eq. 10 over its tasks -> (total, {term: value} for the log,
     number of identity samples without a detected face, or None when there is no identity term)."""
-    tasks = draw_tasks(phase, boost)
+    tasks, noise, t = draw_micro_batch(phase, boost)
     z0 = torch.stack([task.latent for task in tasks])
-    noise = rand(*z0.shape)
-    t = torch.randint(phase2_t_max if phase == 2 else T, (len(tasks),), generator=gen).to(device)
     text_ids = sd.tokenizer([task.prompt for task in tasks]).to(device)
     record = phase == 2 and lambda_attn > 0
     rec = AttentionRecorder(text_ids, ids, attn_resolutions if record else ())  # () records nothing
@@ -494,13 +505,15 @@ def micro_step_losses(phase, boost):
     with autocast, sd.unet.record_attention(rec):
         context = sd.text_encoder(text_ids)
         pred = sd.unet(z_t, t, context)
-    terms = {}
-    recon = torch.stack([object_composed_loss(z_t[i:i + 1], pred[i:i + 1], t[i:i + 1], task, terms)  # eq. 11
+    parts = []  # eq. 11's terms of each composed object sample
+    recon = torch.stack([object_composed_loss(z_t[i:i + 1], pred[i:i + 1], t[i:i + 1], task, parts)  # eq. 11
                          if task.name == "c" and subject == "object" else
                          masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])  # eq. 4 (s), 5 (r), 6 (c)
                          for i, task in enumerate(tasks)])
     attn, ident = torch.zeros_like(recon), torch.zeros_like(recon)
-    terms.update({task.name: recon[i] for i, task in enumerate(tasks)})
+    terms = {name: torch.stack([recon[i] for i, task in enumerate(tasks) if task.name == name]).mean()
+             for name in dict.fromkeys(task.name for task in tasks)}  # each kind of task's mean over the batch
+    terms.update({k: torch.stack([p[k] for p in parts]).mean() for k in (parts[0] if parts else {})})
     if record:
         if not rec.maps:
             raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at "
@@ -523,19 +536,20 @@ def micro_step_losses(phase, boost):
     weight = torch.tensor([task.weight for task in tasks], device=recon.device)
     return total_loss(recon, attn, ident, weight, lambda_attn, lambda_id), terms, missed  # eq. 10
 
-def object_composed_loss(z_t, eps, t, task, terms):
+def object_composed_loss(z_t, eps, t, task, parts):
     """Eq. 11 (supplement, "General Object"; after Kwon & Ye's DiffuseIT): the composed sample has no pseudo-label,
     so its x0_hat (Tweedie, from this pass), decoded with gradient, goes through DINO: the self-similarity and the
     patches of its last-layer keys against the source photo's (structure), its [CLS] token against the reference
-    photo's (texture). Each term is logged; returns lambda_ssim L_ssim + lambda_contra L_contra
-    + lambda_style L_style."""
+    photo's (texture). Appends the three terms to parts (for the log); returns lambda_ssim L_ssim
+    + lambda_contra L_contra + lambda_style L_style."""
     z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t)
     with autocast:
         hidden, keys = dino_features(sd.vae.decode((z0_hat / scale_factor).to(ptdtype)))
     keys = keys.float()
-    terms["ssim"] = self_similarity_loss(keys, src_keys[task.source][None]).mean()
-    terms["contra"] = patch_contrastive_loss(keys, src_keys[task.source][None]).mean()
-    terms["style"] = dino_style_loss(hidden[:, 0].float(), ref_cls[task.reference][None]).mean()
+    terms = dict(ssim=self_similarity_loss(keys, src_keys[task.source][None]).mean(),
+                 contra=patch_contrastive_loss(keys, src_keys[task.source][None]).mean(),
+                 style=dino_style_loss(hidden[:, 0].float(), ref_cls[task.reference][None]).mean())
+    parts.append(terms)
     return lambda_ssim * terms["ssim"] + lambda_contra * terms["contra"] + lambda_style * terms["style"]
 
 def identity_term(z0, noise, context, targets):
@@ -568,12 +582,14 @@ def identity_term(z0, noise, context, targets):
 # validation: fixed seeds, the four prompts, and how much each token attends outside its region
 @torch.no_grad()
 def evaluate(step):
-    with autocast:  # trained weights are fp32 beside the frozen ones in the compute dtype
-        images = [sd.sample([p], steps=eval_steps, seed=s, height=resolution, width=resolution)
-                  for p in val_prompts for s in eval_seeds]
+    prompts = [p for p in val_prompts for _ in eval_seeds]
+    latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, resolution // 8, resolution // 8,
+                                     generator=torch.Generator().manual_seed(s)) for _ in val_prompts for s in eval_seeds])
+    with autocast:  # trained weights are fp32 beside the frozen ones in the compute dtype; one batch, seed per image
+        images = sd.sample(prompts, steps=eval_steps, latents=latents, height=resolution, width=resolution)
     os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
     path = os.path.join(out_dir, "samples", f"step{step:05d}.png")
-    data.save_labeled_grid(torch.cat(images).cpu(), len(eval_seeds), val_prompts, path)
+    data.save_labeled_grid(images.cpu(), len(eval_seeds), val_prompts, path)
     return dict(attention_on_validation(), samples=path)
 
 @torch.no_grad()
@@ -631,7 +647,7 @@ def pull_norms_toward(target, lam):
     embeds.copy_(F.normalize(embeds, dim=-1) * (norm + lam * (target - norm)))
 
 def make_optimizer(groups, steps):
-    opt = torch.optim.AdamW(groups)
+    opt = torch.optim.AdamW(groups, fused=device.startswith("cuda"))  # fused: one kernel for all parameters
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(1, steps)))
 
 def trained_tensors():
@@ -704,8 +720,8 @@ with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(dict(config, run_id=run_id), f, indent=2)
 
 print(f"phase 1: {phase1_steps} steps (embeddings), phase 2: {phase2_steps} steps (LoRA + embeddings); "
-      f"{grad_accum} micro-steps of 1 source + 1 reference photo per step; {total_steps * grad_accum} UNet "
-      f"batches in all; compute {dtype} on {device}")
+      f"{grad_accum} micro-steps of {batch_size} source + {batch_size} reference photo(s) per step; "
+      f"{total_steps * grad_accum} UNet batches in all; compute {dtype} on {device}")
 
 from tqdm import tqdm
 bar = tqdm(total=total_steps, initial=start, unit="step")
@@ -725,17 +741,13 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
     trainable = [p for g in opt.param_groups for p in g["params"]]
     for step in range(max(start, first), first + steps):
         boost = style_boost if step - first < steps / 2 else 1.0
-        # draw grad_accum micro-batches, backpropagate each, then one optimiser step
+        # draw grad_accum micro-batches, backpropagate each, then one optimiser step; the terms stay on the device
         logged, missed = {}, None
         for micro in range(grad_accum):
             total, terms, skipped = micro_step_losses(phase, boost)
-            for name, v in terms.items():
-                if not torch.isfinite(v):
-                    raise SystemExit(f"step {step}: loss term '{name}' is {v.item()}. Nothing was saved from this "
-                                     f"step; the last checkpoint is in {ckpt_dir}. Try a lower learning rate, "
-                                     "dtype=bf16 instead of fp16, or check the photos and masks.")
-                logged[f"loss_{name}"] = logged.get(f"loss_{name}", 0.0) + v.item() / grad_accum
-            logged["loss"] = logged.get("loss", 0.0) + total.item() / grad_accum
+            for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
+                key = f"loss_{name}" if name else "loss"
+                logged[key] = logged.get(key, 0.0) + v.detach().float() / grad_accum
             if skipped is not None:
                 missed = (missed or 0) + skipped
             scaler.scale(total / grad_accum).backward()
@@ -749,25 +761,35 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-        # log, evaluate, checkpoint
+        # log, evaluate, checkpoint: the host reads the terms only on these steps (no sync in between)
         done = step + 1
-        lrs = {g["name"]: g["lr"] for g in opt.param_groups}  # lr: the embeddings'; lr_lora, lr_full, ...: the others'
-        row = dict(step=done, phase=phase, loss=logged.pop("loss"), **logged, lr=lrs.pop("embeds"),
-                   **{f"lr_{name}": v for name, v in lrs.items()})
-        if missed is not None:
-            row["id_skipped"] = missed  # samples of this step where the detector found no face (eq. 7 skipped)
-        row["seconds"] = round(time.time() - t0, 2)
         last = done == first + steps
-        if done % eval_interval == 0 or last:
-            bar.set_description_str("drawing validation samples")
-            row.update(evaluate(done))
-            bar.set_description_str("")
-        if done % log_interval == 0 or "samples" in row or last:
+        evaluate_now = done % eval_interval == 0 or last
+        log_now = done % log_interval == 0 or evaluate_now
+        checkpoint_now = done % ckpt_interval == 0 or last or stop_requested
+        if log_now or checkpoint_now:
+            values = {k: v.item() for k, v in logged.items()}
+            bad = [k for k, v in values.items() if not np.isfinite(v)]
+            if bad:  # checked before every checkpoint, so none holds the diverged weights
+                raise SystemExit(f"by step {done}: loss term '{bad[0]}' is {values[bad[0]]}. Nothing was saved since; "
+                                 f"the last checkpoint is in {ckpt_dir}. Try a lower learning rate, dtype=bf16 "
+                                 "instead of fp16, or check the photos and masks.")
+        if log_now:
+            lrs = {g["name"]: g["lr"] for g in opt.param_groups}  # lr: the embeddings'; lr_lora, lr_full: the others'
+            row = dict(step=done, phase=phase, loss=values.pop("loss"), **values, lr=lrs.pop("embeds"),
+                       **{f"lr_{name}": v for name, v in lrs.items()})
+            if missed is not None:
+                row["id_skipped"] = missed  # samples of this step where the detector found no face (eq. 7 skipped)
+            row["seconds"] = round(time.time() - t0, 2)
+            if evaluate_now:
+                bar.set_description_str("drawing validation samples")
+                row.update(evaluate(done))
+                bar.set_description_str("")
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}")
         bar.update()
-        bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}")
-        if done % ckpt_interval == 0 or last or stop_requested:
+        if checkpoint_now:
             save_checkpoint(done, phase)
         if stop_requested and done < total_steps:
             bar.close()
