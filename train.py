@@ -159,6 +159,18 @@ if not 0 <= min_mask_fraction < 0.5:
 if resume and overwrite:
     raise SystemExit("--resume continues the run in out_dir, --overwrite deletes it: give one of them")
 ptdtype = DTYPES[dtype]
+# several processes (torchrun --nproc_per_node=N): each takes every N-th micro-step of a step, the gradients are
+# summed across them before the optimiser step, and only the first (rank 0) reads nothing twice and writes files
+world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+master = rank == 0
+if world > 1:
+    import torch.distributed as dist
+    if grad_accum % world:
+        raise SystemExit(f"grad_accum={grad_accum} must be a multiple of the {world} processes: each takes an equal share")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 total_steps = phase1_steps + phase2_steps
 
 # -----------------------------------------------------------------------------
@@ -189,24 +201,26 @@ if resume:
     run_id = ckpt["run_id"]
     print(f"resuming from {found[-1]} at step {ckpt['step']}")
 else:
-    held = [n for n in ("log.jsonl", lora.LORA_FILE, lora.EMBEDS_FILE) if os.path.exists(os.path.join(out_dir, n))]
-    held += [f"{len(checkpoints())} checkpoints"] if checkpoints() else []
-    if held and not overwrite:
-        raise SystemExit(f"{out_dir} holds a run ({', '.join(held)}). Continue it with --resume, delete it and "
-                         "start over with --overwrite, or pick another --out_dir.")
-    # a run that never logged a step (it stopped at the data checks) leaves only masks/ and config.json
-    for name in RUN_FILES + RUN_DIRS:
-        path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
+    if master:  # the others write nothing
+        held = [n for n in ("log.jsonl", lora.LORA_FILE, lora.EMBEDS_FILE) if os.path.exists(os.path.join(out_dir, n))]
+        held += [f"{len(checkpoints())} checkpoints"] if checkpoints() else []
+        if held and not overwrite:
+            raise SystemExit(f"{out_dir} holds a run ({', '.join(held)}). Continue it with --resume, delete it and "
+                             "start over with --overwrite, or pick another --out_dir.")
+        # a run that never logged a step (it stopped at the data checks) leaves only masks/ and config.json
+        for name in RUN_FILES + RUN_DIRS:
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
     run_id = uuid.uuid4().hex[:12]  # ties the checkpoints to this run's config.json
 try:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, ".write_test"), "w") as f:
+    probe = os.path.join(out_dir, f".write_test{rank}")
+    with open(probe, "w") as f:
         f.write("ok")
-    os.remove(os.path.join(out_dir, ".write_test"))
+    os.remove(probe)
 except OSError as e:
     raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}. Pick a folder you can write to "
                      "(--out_dir=...) with room for the checkpoints.")
@@ -267,8 +281,9 @@ def find_faces(photos):
                   "closer photos teach the identity better")
         if x1 < 1 or y1 < 1 or x2 > w - 1 or y2 > h - 1:
             print(f"warning: {p.path}: the face is cut off at the photo's border")
-    with open(cache_path, "w") as f:
-        json.dump(cache, f)
+    if master:
+        with open(cache_path, "w") as f:
+            json.dump(cache, f)
     if none:
         raise SystemExit("no face found in:\n  " + "\n  ".join(none) + "\nA usable photo shows one person's face "
                          "from the front or three-quarter view, unobstructed, at least ~100 pixels across.")
@@ -293,7 +308,7 @@ for p in photos:
         m = faces.face_mask(data.to_uint8(p.image / 2 + 0.5), p.face, model=face_files["parser"], classes=mask_classes)
         p.mask = torch.from_numpy(np.asarray(m, np.float32))[None]
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
-for kind, group in (("source", sources), ("reference", references)):
+for kind, group in (("source", sources), ("reference", references)) if master else ():
     for p in group:
         name = os.path.splitext(os.path.basename(p.path))[0]
         data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
@@ -394,16 +409,19 @@ def class_images():
     os.makedirs(folder, exist_ok=True)
     made_with = dict(prompt=prior_prompt, init_from=init_from, resolution=resolution)
     record = os.path.join(folder, "class_images.json")
-    if not os.path.exists(record) or json.load(open(record)) != made_with:  # others' images: draw anew
-        for old in glob.glob(os.path.join(folder, "*.png")):
-            os.remove(old)
-        json.dump(made_with, open(record, "w"))
     paths = [os.path.join(folder, f"{i:04d}.png") for i in range(prior_images)]
-    missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]
-    from tqdm import tqdm
-    for i in tqdm(missing, desc=f"class images for '{prior_prompt}'", unit="image", disable=not missing):
-        image = sd.sample([prior_prompt], steps=50, guidance=7.5, seed=i, height=resolution, width=resolution)
-        data.save_png(image[0].cpu(), paths[i])
+    if master:  # draws them; the other processes wait, then read them
+        if not os.path.exists(record) or json.load(open(record)) != made_with:  # others' images: draw anew
+            for old in glob.glob(os.path.join(folder, "*.png")):
+                os.remove(old)
+            json.dump(made_with, open(record, "w"))
+        missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]
+        from tqdm import tqdm
+        for i in tqdm(missing, desc=f"class images for '{prior_prompt}'", unit="image", disable=not missing):
+            image = sd.sample([prior_prompt], steps=50, guidance=7.5, seed=i, height=resolution, width=resolution)
+            data.save_png(image[0].cpu(), paths[i])
+    if world > 1:
+        dist.barrier()
     return torch.stack([data.to_tensor(data.read_rgb(path)) * 2 - 1 for path in paths])
 
 if prior_prompt:
@@ -493,10 +511,10 @@ def draw_micro_batch(phase, boost):
         t.append(torch.randint(phase2_t_max if phase == 2 else T, (len(drawn),), generator=gen))
     return tasks, torch.cat(noise), torch.cat(t).to(device)
 
-def micro_step_losses(phase, boost):
-    """The phase's loss for one micro-step, eq. 10 over its tasks -> (total, {term: value} for the log,
-    number of identity samples without a detected face, or None when there is no identity term)."""
-    tasks, noise, t = draw_micro_batch(phase, boost)
+def micro_step_losses(phase, boost, drawn=None):
+    """The phase's loss for one micro-step (drawn: draw_micro_batch's, else drawn here), eq. 10 over its tasks
+    -> (total, {term: value} for the log, identity samples without a detected face, or None without eq. 7)."""
+    tasks, noise, t = drawn or draw_micro_batch(phase, boost)
     z0 = torch.stack([task.latent for task in tasks])
     text_ids = sd.tokenizer([task.prompt for task in tasks]).to(device)
     record = phase == 2 and lambda_attn > 0
@@ -711,20 +729,21 @@ if ckpt is not None:
     with torch.no_grad():
         embeds.copy_(ckpt["embeds"])
     gen.set_state(ckpt["gen"])
-    if os.path.exists(log_path):  # drop log lines written after the checkpoint by the interrupted run
+    if master and os.path.exists(log_path):  # drop log lines written after the checkpoint by the interrupted run
         with open(log_path) as f:
             kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
         with open(log_path, "w") as f:
             f.writelines(kept)
-with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(dict(config, run_id=run_id), f, indent=2)
+if master:
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dict(config, run_id=run_id), f, indent=2)
 
 print(f"phase 1: {phase1_steps} steps (embeddings), phase 2: {phase2_steps} steps (LoRA + embeddings); "
       f"{grad_accum} micro-steps of {batch_size} source + {batch_size} reference photo(s) per step; "
       f"{total_steps * grad_accum} UNet batches in all; compute {dtype} on {device}")
 
 from tqdm import tqdm
-bar = tqdm(total=total_steps, initial=start, unit="step")
+bar = tqdm(total=total_steps, initial=start, unit="step", disable=not master)
 signal.signal(signal.SIGINT, request_stop)
 t0 = time.time()
 for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps)):
@@ -744,13 +763,19 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         # draw grad_accum micro-batches, backpropagate each, then one optimiser step; the terms stay on the device
         logged, missed = {}, None
         for micro in range(grad_accum):
-            total, terms, skipped = micro_step_losses(phase, boost)
+            drawn = draw_micro_batch(phase, boost)  # every process draws every micro-step: the draws stay in step
+            if micro % world != rank:
+                continue  # another process's share
+            total, terms, skipped = micro_step_losses(phase, boost, drawn)
             for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
                 key = f"loss_{name}" if name else "loss"
                 logged[key] = logged.get(key, 0.0) + v.detach().float() / grad_accum
             if skipped is not None:
                 missed = (missed or 0) + skipped
             scaler.scale(total / grad_accum).backward()
+        if world > 1:  # each process holds its share of the sum over micro-steps: add them up
+            for p in trainable:
+                dist.all_reduce(p.grad)
         scaler.unscale_(opt)
         if phase == 2 or grad_clip_phase1:
             torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
@@ -763,18 +788,27 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
 
         # log, evaluate, checkpoint: the host reads the terms only on these steps (no sync in between)
         done = step + 1
+        if world > 1:  # Ctrl-C reaches the processes at different moments: stop when any of them was asked to
+            flag = torch.tensor([float(stop_requested)], device=device)
+            dist.all_reduce(flag)
+            stop_requested = flag.item() > 0
         last = done == first + steps
         evaluate_now = done % eval_interval == 0 or last
         log_now = done % log_interval == 0 or evaluate_now
         checkpoint_now = done % ckpt_interval == 0 or last or stop_requested
         if log_now or checkpoint_now:
+            if world > 1:  # every process logs the same terms (the whole batch's), so all stop together on a NaN
+                keys = sorted(logged)
+                summed = torch.stack([torch.as_tensor(logged[k], device=device) for k in keys])
+                dist.all_reduce(summed)
+                logged = dict(zip(keys, summed))
             values = {k: v.item() for k, v in logged.items()}
             bad = [k for k, v in values.items() if not np.isfinite(v)]
             if bad:  # checked before every checkpoint, so none holds the diverged weights
                 raise SystemExit(f"by step {done}: loss term '{bad[0]}' is {values[bad[0]]}. Nothing was saved since; "
                                  f"the last checkpoint is in {ckpt_dir}. Try a lower learning rate, dtype=bf16 "
                                  "instead of fp16, or check the photos and masks.")
-        if log_now:
+        if log_now and master:
             lrs = {g["name"]: g["lr"] for g in opt.param_groups}  # lr: the embeddings'; lr_lora, lr_full: the others'
             row = dict(step=done, phase=phase, loss=values.pop("loss"), **values, lr=lrs.pop("embeds"),
                        **{f"lr_{name}": v for name, v in lrs.items()})
@@ -789,17 +823,24 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}")
         bar.update()
-        if checkpoint_now:
+        if checkpoint_now and master:
             save_checkpoint(done, phase)
         if stop_requested and done < total_steps:
             bar.close()
-            again = [a for a in sys.argv if not a.startswith(("--resume", "--overwrite"))] + ["--resume"]
-            print(f"stopped at step {done} of {total_steps}; checkpoint {checkpoints()[-1]}.\n"
-                  f"Continue with: python {' '.join(again)}", file=sys.stderr)
+            if world > 1:
+                dist.destroy_process_group()
+            if master:
+                again = [a for a in sys.argv if not a.startswith(("--resume", "--overwrite"))] + ["--resume"]
+                print(f"stopped at step {done} of {total_steps}; checkpoint {checkpoints()[-1]}.\n"
+                      f"Continue with: python {' '.join(again)}", file=sys.stderr)
             sys.exit(130)  # the shell's code for a run ended by Ctrl-C
 bar.close()
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
+if world > 1:
+    dist.destroy_process_group()
+if not master:
+    sys.exit(0)  # the first process writes the outputs
 meta = {k: json.dumps(config[k]) for k in ("init_from", "lora_rank", "lora_alpha", "seed", "phase1_steps",
                                            "phase2_steps", "resolution")}
 lora.save_result(out_dir, sd.unet, sd.text_encoder if lora_text_encoder else None, dict(zip(tokens, embeds.detach())),

@@ -26,9 +26,9 @@ def cache(tmp_path_factory):
     data.make_synthetic(str(root / "src"), str(root / "ref"), n=3)
     return root
 
-def train(cache, out, *args, config=None):
+def train(cache, out, *args, config=None, threads=None):
     """train.py on config/tiny.py (then `config`, a second config file, if given) at test size."""
-    env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"))
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"), **({"OMP_NUM_THREADS": threads} if threads else {}))
     cmd = [sys.executable, "train.py", "config/tiny.py", *([config, "--variant=None"] if config else []),
            f"--out_dir={out}", "--synthetic_data=False", f"--source_dir={cache / 'src'}",
            f"--reference_dir={cache / 'ref'}", *FAST, *args]
@@ -645,3 +645,21 @@ def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch):
     for k in final[1]:
         err = (final[4][k] - final[1][k]).abs().max().item()
         assert err < 1e-5, f"{k}: max difference {err:.2e}"
+
+def test_torchrun_two_processes_equal_one(cache, tmp_path):
+    """torchrun with 2 CPU processes (gloo), each taking half of every step's micro-steps, ends with the LoRA and
+    tokens of one process running all of them (one thread each, so the float sums match), within 1e-5."""
+    args = ["--phase1_steps=2", "--phase2_steps=3", "--grad_accum=2"]
+    env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"), OMP_NUM_THREADS="1")
+    one = train(cache, tmp_path / "one", *args, threads="1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "train.py", "config/tiny.py", f"--out_dir={tmp_path / 'two'}",
+           "--synthetic_data=False", f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}", *FAST, *args]
+    two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / name)), load_file(str(tmp_path / "two" / name))
+        err = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert err < 1e-5, f"{name}: max difference {err:.2e}"
+    assert [r["step"] for r in log(tmp_path / "two")] == [1, 2, 3, 4, 5]  # one log, written by rank 0
