@@ -501,20 +501,24 @@ def draw_tasks(phase, boost):
     return tasks
 
 def draw_micro_batch(phase, boost):
-    """batch_size draws of the phase's tasks, each followed by its noise and timesteps, so that a draw is the
-    same whether it runs in a batch or in a micro-step of its own -> (tasks, noise, t)."""
-    tasks, noise, t = [], [], []
+    """batch_size draws of the phase's tasks, each followed by its noise and timesteps (and eq. 7's own timesteps
+    for its samples with an identity), so that a draw is the same whether it runs in a batch, in a micro-step
+    of its own, or in another process -> (tasks, noise, t, t_id or None)."""
+    tasks, noise, t, t_id = [], [], [], []
     for _ in range(batch_size):
         drawn = draw_tasks(phase, boost)
         tasks += drawn
         noise.append(rand(len(drawn), *drawn[0].latent.shape))
         t.append(torch.randint(phase2_t_max if phase == 2 else T, (len(drawn),), generator=gen))
-    return tasks, torch.cat(noise), torch.cat(t).to(device)
+        if phase == 2 and lambda_id > 0:
+            n = sum(task.source is not None for task in drawn)
+            t_id.append(torch.randint(1, min(t_id_max, phase2_t_max), (n,), generator=gen))
+    return tasks, torch.cat(noise), torch.cat(t).to(device), torch.cat(t_id).to(device) if t_id else None
 
 def micro_step_losses(phase, boost, drawn=None):
     """The phase's loss for one micro-step (drawn: draw_micro_batch's, else drawn here), eq. 10 over its tasks
     -> (total, {term: value} for the log, identity samples without a detected face, or None without eq. 7)."""
-    tasks, noise, t = drawn or draw_micro_batch(phase, boost)
+    tasks, noise, t, t_id = drawn or draw_micro_batch(phase, boost)
     z0 = torch.stack([task.latent for task in tasks])
     text_ids = sd.tokenizer([task.prompt for task in tasks]).to(device)
     record = phase == 2 and lambda_attn > 0
@@ -546,7 +550,7 @@ def micro_step_losses(phase, boost, drawn=None):
         sel = [i for i, task in enumerate(tasks) if task.source is not None]
         owners = [tasks[i].source for i in sel]
         targets = src_ids[owners] if id_target == "own" else src_id.expand(len(sel), -1)
-        values, found = identity_term(z0[sel], noise[sel], context[sel], targets)
+        values, found = identity_term(z0[sel], noise[sel], context[sel], targets, t_id)
         ident[sel] = values
         missed = len(sel) - len(found)
         if found:
@@ -570,11 +574,10 @@ def object_composed_loss(z_t, eps, t, task, parts):
     parts.append(terms)
     return lambda_ssim * terms["ssim"] + lambda_contra * terms["contra"] + lambda_style * terms["style"]
 
-def identity_term(z0, noise, context, targets):
+def identity_term(z0, noise, context, targets, t_id):
     """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
     cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to each
     sample's target identity -> ((B,) values, 0 where no face was found; the indices where one was)."""
-    t_id = torch.randint(1, min(t_id_max, phase2_t_max), (len(z0),), generator=gen).to(device)
     z_t = sd.schedule.add_noise(z0, noise, t_id)
     with autocast:
         eps = sd.unet(z_t, t_id, context)

@@ -358,9 +358,9 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     seen = []
     real_identity_term = g["identity_term"]
 
-    def spy(z0, noise, context, targets):
+    def spy(z0, noise, context, targets, t_id):
         seen.append(targets)
-        return real_identity_term(z0, noise, context, targets)
+        return real_identity_term(z0, noise, context, targets, t_id)
 
     g["identity_term"] = spy
     g["micro_step_losses"](2, 1.0)
@@ -646,10 +646,13 @@ def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch):
         err = (final[4][k] - final[1][k]).abs().max().item()
         assert err < 1e-5, f"{k}: max difference {err:.2e}"
 
-def test_torchrun_two_processes_equal_one(cache, tmp_path):
+@pytest.mark.parametrize("identity", [False, True])
+def test_torchrun_two_processes_equal_one(cache, tmp_path, face_models, identity):
     """torchrun with 2 CPU processes (gloo), each taking half of every step's micro-steps, ends with the LoRA and
-    tokens of one process running all of them (one thread each, so the float sums match), within 1e-5."""
-    args = ["--phase1_steps=2", "--phase2_steps=3", "--grad_accum=2"]
+    tokens of one process running all of them (one thread each, so the float sums match), within 1e-5; also with
+    the identity loss, whose timesteps are drawn with the rest of each draw."""
+    args = ["--phase1_steps=2", "--phase2_steps=3", "--grad_accum=2",
+            *(["--lambda_id=1.0", *face_args(face_models)] if identity else [])]
     env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"), OMP_NUM_THREADS="1")
     one = train(cache, tmp_path / "one", *args, threads="1")
     assert one.returncode == 0, one.stderr[-3000:]
