@@ -452,8 +452,9 @@ def prompt(templates, *words):
 
 @dataclass
 class Task:
-    """One sample of a micro-step: eq. 4 (source), 5 (reference) or 6 (composed)."""
-    name: str             # "s", "r" or "c": the log's loss_s, loss_r, loss_c
+    """One sample of a micro-step: eq. 4 (source), 5 (reference), 6 (composed; eq. 11 for objects), or a class
+    image of prior preservation."""
+    name: str             # "s", "r", "c" or "p": the log's loss_s, loss_r, loss_c, loss_p
     latent: torch.Tensor  # (4, h, w) clean latent z_0
     prompt: str
     loss_mask: torch.Tensor  # (1, h, w): where the noise prediction is compared
