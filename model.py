@@ -454,9 +454,7 @@ class CLIPVisionModel(nn.Module):
     def tiny(cls, seed=0):
         """A small random image tower (32 px, 8 px patches, 2 layers). The same seed gives the same weights;
         the caller's global random state is left as it was."""
-        # nn.Module initialisers draw from the global generator: seed a forked copy of it (CPU only)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_init(seed):
             m = cls(VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  image_size=32, patch_size=8, projection_dim=16))
         return m.eval().requires_grad_(False)
@@ -578,9 +576,7 @@ class ViT(nn.Module):
     def tiny(cls, seed=0):
         """A small random ViT (32 px, 8 px patches, 2 layers of 2 heads). The same seed gives the same weights;
         the caller's global random state is left as it was."""
-        # nn.Module initialisers draw from the global generator: seed a forked copy of it (CPU only)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_init(seed):
             m = cls(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                               image_size=32, patch_size=8))
         return m.eval().requires_grad_(False)
@@ -1173,6 +1169,14 @@ def save_tower(module, path, meta):
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
               os.path.join(path, "model.safetensors"))
 
+@contextmanager
+def seeded_init(seed):
+    """nn.Module initialisers draw from the global generator: seed a forked copy of it (CPU only), so that the same
+    seed builds the same weights and the caller's random state is left as it was (the tiny models)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
 def tiny_path(name="tiny-sd"):
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
     return os.path.join(root, "magicapture", name)
@@ -1269,9 +1273,7 @@ class StableDiffusion(nn.Module):
         """A small random pipeline with SD1.5's architecture (4 levels, 8x VAE) and a vocabulary built here.
         The same seed gives the same weights; the caller's global random state is left as it was."""
         tokenizer = tiny_tokenizer()
-        # nn.Module initialisers draw from the global generator: seed a forked copy of it (CPU only)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded_init(seed):
             text = CLIPTextModel(TextConfig(vocab_size=len(tokenizer.vocab), hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=2, num_attention_heads=2, projection_dim=32))
             vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1,

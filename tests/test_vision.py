@@ -92,22 +92,27 @@ def test_save_pretrained_round_trip(tmp_path):
     again = model.CLIPVisionModel.from_pretrained(str(tmp_path))
     assert torch.equal(again(px), ours(px))
 
-def test_tiny_is_cached_and_seeded_locally(tmp_path, monkeypatch):
-    """from_pretrained("tiny") builds once into XDG_CACHE_HOME, equals tiny(seed=0) and leaves the global RNG alone."""
+@pytest.mark.parametrize("tower,folder,out", [("CLIPVisionModel", "tiny-clip", (2, 16)),  # projected embeddings
+                                              ("ViT", "tiny-dino", (2, 17, 32))])  # 1 + 16 tokens, width 32
+def test_tiny_is_cached_and_seeded_locally(tmp_path, monkeypatch, tower, folder, out):
+    """An image tower's from_pretrained("tiny") (CLIP's, DINO's) builds once into XDG_CACHE_HOME, equals
+    tiny(seed=0), differs from tiny(seed=1), runs on 32 px images and leaves the global RNG alone."""
+    cls = getattr(model, tower)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = model.CLIPVisionModel.from_pretrained("tiny")
-    weights = tmp_path / "magicapture" / "tiny-clip" / "model.safetensors"
+    a = cls.from_pretrained("tiny")
+    weights = tmp_path / "magicapture" / folder / "model.safetensors"
     built = weights.stat().st_mtime_ns
-    b, c = model.CLIPVisionModel.from_pretrained("tiny"), model.CLIPVisionModel.tiny(seed=1)
+    b, c = cls.from_pretrained("tiny"), cls.tiny(seed=1)
     assert torch.equal(torch.get_rng_state(), state), "building or loading the tiny tower changed the global RNG"
     assert weights.stat().st_mtime_ns == built, "the second load rebuilt the tiny tower"
-    fresh = model.CLIPVisionModel.tiny().state_dict()
+    fresh = cls.tiny().state_dict()
     for name, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[name]) and torch.equal(v, fresh[name]), f"{name} differs between loads"
-    assert not torch.equal(a.visual_projection.weight, c.visual_projection.weight), "seed=1 gave seed 0's weights"
-    assert a(torch.randn(2, 3, 32, 32)).shape == (2, 16)
+    assert any(not torch.equal(v, c.state_dict()[name]) for name, v in a.state_dict().items()), \
+        "seed=1 gave seed 0's weights"
+    assert a(torch.randn(2, 3, 32, 32)).shape == out
 
 @pytest.mark.parametrize("tower,repo", [("CLIPVisionModel", "openai/clip-vit-large-patch14"),
                                         ("ViT", "facebook/dino-vitb8")])
