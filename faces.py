@@ -1,9 +1,12 @@
 """
-The face models of MagiCapture, run with onnxruntime:
+The face models of MagiCapture, run with onnxruntime (the detector and ArcFace also with torch ops):
 
 - detect            SCRFD-style detector (InsightFace det_10g): boxes + 5 landmarks
-- similarity_transform, warp, warp_torch
-                    5-point alignment; warp_torch is differentiable, for eq. 7
+- detector_torch, detect_torch
+                    the same detector run with torch ops on the training device, batched, with nothing
+                    read back to the host: the largest face's landmarks on each x0 estimate (eq. 7)
+- similarity_transform(_torch), warp, warp_torch
+                    5-point alignment; the torch versions are batched and differentiable, for eq. 7
 - arcface_crop      the aligned 112x112 ArcFace crop of a batch of images, differentiable (eq. 7)
 - face_mask         BiSeNet face parsing inside the detected box: M_s of eq. 4
                     (the reference's non-face mask M_r of eq. 5-6 is 1 - face_mask)
@@ -17,6 +20,7 @@ Licences: the InsightFace models (detector, ArcFace) are for non-commercial
 research only; BiSeNet (yakhyo/face-parsing) is MIT.
 """
 
+import functools
 import os
 import zlib
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ FFHQ_TEMPLATE = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63
                           [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)  # FFHQ alignment, 512x512
 
 DET_SIZE = 640  # the detector sees a 640x640 letterbox
+DET_TOP_K = 128  # detect_torch's NMS candidates per image, best scores first: room for several faces' anchors
 ARCFACE_SIZE = 112
 PARSE_SIZE = 512
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -163,6 +168,26 @@ def letterbox(image, size):
     return canvas, scale
 
 
+def detector_levels(outputs, batch):
+    """The detector's 9 outputs per stride, in output order: [(stride, scores (batch, N, 1), box distances
+    (batch, N, 4), landmark offsets (batch, N, 10))], N = (640 / stride)^2 * 2. numpy arrays or tensors.
+    Grouped by width and N rather than by position or name (copies of the model differ in both); exports
+    give (N, k) or (1, N, k) per image, and a batch comes out image after image either way."""
+    by_width = {1: {}, 4: {}, 10: {}}
+    for out in outputs:
+        out = out.reshape(batch, -1, out.shape[-1])
+        assert out.shape[-1] in by_width, f"unexpected detector output of shape {tuple(out.shape)}"
+        by_width[out.shape[-1]][out.shape[1]] = out
+    levels = []
+    for n, score in by_width[1].items():
+        stride = int(round((DET_SIZE * DET_SIZE * 2 / n) ** 0.5))
+        assert (DET_SIZE // stride) ** 2 * 2 == n and n in by_width[4] and n in by_width[10], \
+            f"detector outputs {[tuple(o.shape) for o in by_width[1].values()]}: no 640x640, 2-anchor stride fits " \
+            f"{n} rows"
+        levels.append((stride, score, by_width[4][n], by_width[10][n]))
+    return levels
+
+
 def detect(image, model=None, threshold=0.5, nms=0.4):
     """Faces in an HxWx3 uint8 RGB image, best score first (score 0.5 and NMS IoU 0.4 as InsightFace)."""
     if not (image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
@@ -170,26 +195,17 @@ def detect(image, model=None, threshold=0.5, nms=0.4):
     sess = session(model_path("detector", model))
     canvas, scale = letterbox(image, DET_SIZE)
     x = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-    # 9 outputs, per stride: scores (N, 1), box distances (N, 4), landmark offsets (N, 10), N = (640/s)^2 * 2.
-    # Group them by width and N rather than by position; some exports add a batch dim of 1.
-    by_width = {1: {}, 4: {}, 10: {}}
-    for out in run(sess, x):
-        out = out.reshape(-1, out.shape[-1])
-        assert out.shape[1] in by_width, f"unexpected detector output of shape {out.shape}"
-        by_width[out.shape[1]][len(out)] = out
     boxes, scores, landmarks = [], [], []
-    for n, score in by_width[1].items():
-        stride = int(round((DET_SIZE * DET_SIZE * 2 / n) ** 0.5))
+    for stride, score, bbox, kps in detector_levels(run(sess, x), 1):
+        score, bbox, kps = score[0], bbox[0], kps[0]
         g = DET_SIZE // stride
-        assert g * g * 2 == n and n in by_width[4] and n in by_width[10], \
-            f"detector outputs {[o.shape for o in by_width[1].values()]}: no 640x640, 2-anchor stride fits {n} rows"
         # anchor centres: grid (x, y) * stride, no +0.5, 2 anchors per location listed one after the other
         ys, xs = np.mgrid[:g, :g]
         centres = np.repeat(np.stack([xs, ys], -1).reshape(-1, 2) * stride, 2, axis=0).astype(np.float32)
         keep = score[:, 0] >= threshold
         c = centres[keep]
-        d = by_width[4][n][keep] * stride
-        k = by_width[10][n][keep].reshape(-1, 5, 2) * stride
+        d = bbox[keep] * stride
+        k = kps[keep].reshape(-1, 5, 2) * stride
         boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], 1))  # (cx - d0, cy - d1, cx + d2, cy + d3)
         landmarks.append(c[:, None] + k)
         scores.append(score[keep, 0])
@@ -198,23 +214,133 @@ def detect(image, model=None, threshold=0.5, nms=0.4):
                  landmarks=(landmarks[i] / scale).astype(np.float32))
             for i in non_max_suppression(boxes, scores, nms)]
 
+
+def detector_torch(model=None):
+    """The detector as a frozen torch module for detect_torch (move it to the images' device): (B, 3, 640, 640)
+    normalised letterboxes -> the 9 outputs, batched. Runs the .onnx graph with torch ops (onnx_torch) and checks
+    it against onnxruntime once, here, on two random inputs: batched in torch, one at a time in onnxruntime."""
+    path = model_path("detector", model)
+    net = onnx_torch.GraphModule(path).eval()
+    x = torch.rand(2, 3, DET_SIZE, DET_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        got = [o.reshape(len(x), -1, o.shape[-1]).float().numpy() for o in net(x)]
+    for i in range(len(x)):
+        for name, g, ref in zip(net.output_names, got, run(session(path), x[i:i + 1].numpy())):
+            ref = ref.reshape(-1, ref.shape[-1]).astype(np.float32)
+            err = np.abs(g[i] - ref).max() if g[i].shape == ref.shape else np.inf
+            # scores are probabilities (onnxruntime's Sigmoid is good to about 2e-7), boxes and landmarks in strides
+            if not err <= 1e-3 * max(np.abs(ref).max(), 1.0):  # "not <=" also catches NaN
+                raise RuntimeError(f"{path}: the detector in PyTorch disagrees with onnxruntime on random input {i} "
+                                   f"of a batch of 2, output {name}: shape {g[i].shape} vs {ref.shape}, max abs "
+                                   f"difference {err:.3g} (max |output| {np.abs(ref).max():.3g})")
+    return net
+
+
+def cv2_linear_taps(n_in, n_out, device, clamp):
+    """cv2.resize's INTER_LINEAR taps along one axis (resize.cpp): for each output pixel two source indices
+    and their 11-bit fixed-point weights (summing to 2048), made on `device` (no copy from the host)."""
+    # source coordinate (d + 0.5) * scale - 0.5 in double, rounded to float, scale = 1 / (n_out / n_in)
+    f = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (1 / (n_out / n_in)) - 0.5).float()
+    i = f.floor()
+    f = f - i
+    if clamp:  # columns: a tap past either edge takes the edge pixel at full weight; rows keep their fraction
+        f = torch.where((i < 0) | (i >= n_in - 1), 0.0, f)
+    i = i.long()
+    return i.clamp(0, n_in - 1), (i + 1).clamp(0, n_in - 1), ((1 - f) * 2048).round().int(), (f * 2048).round().int()
+
+
+def resize_like_cv2(pixels, h, w):
+    """cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR) of uint8 images, bit-exact, on (B, C, H, W)
+    float pixel values 0..255 on any device: rows of 11-bit fixed-point taps, then columns with cv2's
+    vectorised rounding. Not antialiased when shrinking, as cv2. A float bilinear resize (F.interpolate) of the
+    same pixels is one level off on about 12% of them."""
+    H, W = pixels.shape[-2:]
+    x0, x1, a0, a1 = cv2_linear_taps(W, w, pixels.device, clamp=True)
+    y0, y1, b0, b1 = cv2_linear_taps(H, h, pixels.device, clamp=False)
+    p = pixels.int()
+    rows = p.index_select(3, x0) * a0 + p.index_select(3, x1) * a1  # (B, C, H, w), pixel * 2048
+    top, bottom = rows.index_select(2, y0) >> 4, rows.index_select(2, y1) >> 4
+    out = ((b0[:, None] * top) >> 16) + ((b1[:, None] * bottom) >> 16)  # 16-bit multiply-high, as cv2's SIMD
+    return ((out + 2) >> 2).clamp(0, 255).float()
+
+
+def letterbox_torch(images, size):
+    """letterbox() for a batch: (B, 3, H, W) float images in [-1, 1] on any device -> ((B, 3, size, size) float32
+    pixel values 0..255, scale). The pixels are data.to_uint8's 8-bit levels, resized as cv2 resizes uint8
+    (resize_like_cv2), so the canvas is letterbox()'s to the bit; black padding at the bottom/right."""
+    B, C, H, W = images.shape
+    scale = min(size / H, size / W)
+    h, w = int(round(H * scale)), int(round(W * scale))
+    pixels = ((images.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round()  # data.to_uint8's levels
+    if (h, w) != (H, W):
+        pixels = resize_like_cv2(pixels, h, w)
+    return F.pad(pixels, (0, size - w, 0, size - h)), scale
+
+
+@torch.no_grad()
+def detect_torch(net, images, threshold=0.5, nms=0.4, top_k=DET_TOP_K):
+    """largest(detect(image)) for a batch, as torch ops with fixed shapes on the images' device, so nothing is
+    read back to the host: (B, 3, H, W) float in [-1, 1] -> found (B,) bool, landmarks (B, 5, 2) float32 in
+    image pixels of the largest face after NMS (zeros where none was found). net: detector_torch() on the
+    images' device. detect()'s letterbox (to the bit), anchors, score >= threshold and greedy NMS, over the
+    top_k best-scoring anchors of each image: the result can differ only where more than top_k pass."""
+    B = len(images)
+    canvas, scale = letterbox_torch(images, DET_SIZE)
+    scores, boxes, landmarks = [], [], []
+    for stride, score, bbox, kps in detector_levels(net((canvas - 127.5) / 128.0), B):
+        g = DET_SIZE // stride
+        # anchor centres as detect(), made on the device: grid (x, y) * stride, 2 anchors per location
+        ys, xs = torch.meshgrid(*[torch.arange(g, device=images.device)] * 2, indexing="ij")
+        c = (torch.stack([xs, ys], -1).reshape(-1, 1, 2) * stride).expand(-1, 2, -1).reshape(-1, 2).float()
+        d = bbox * stride
+        boxes.append(torch.cat([c - d[..., :2], c + d[..., 2:]], -1))  # (B, N, 4)
+        landmarks.append(c[:, None] + kps.reshape(B, -1, 5, 2) * stride)  # (B, N, 5, 2)
+        scores.append(score[..., 0])
+    scores, boxes, landmarks = (torch.cat(t, 1) for t in (scores, boxes, landmarks))
+    # best first, ties in anchor order (detect()'s stable argsort); the top_k of each image go on
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :top_k]  # (B, K)
+    valid = scores.gather(1, order) >= threshold
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    landmarks = landmarks.gather(1, order[..., None, None].expand(-1, -1, 5, 2))
+    # greedy NMS, as non_max_suppression(): a box goes when a kept, better one overlaps it by IoU > nms
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # (B, K)
+    wh = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:]) - torch.maximum(boxes[:, :, None, :2],
+                                                                                     boxes[:, None, :, :2])
+    inter = wh.clamp(min=0).prod(-1)  # (B, K, K)
+    over = ~(inter / torch.clamp(area[:, :, None] + area[:, None, :] - inter, min=1e-9) <= nms)
+    keep = valid.clone()
+    for i in range(1, keep.shape[1]):
+        keep[:, i] &= ~(over[:, i, :i] & keep[:, :i]).any(1)
+    # largest(): the kept face with the largest box in image pixels, first in score order on a tie
+    boxes = boxes / scale
+    best = torch.where(keep, (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]), -torch.inf).argmax(1)
+    found = keep.any(1)
+    chosen = (landmarks / scale).gather(1, best[:, None, None, None].expand(-1, 1, 5, 2))[:, 0]  # (B, 5, 2)
+    return found, torch.where(found[:, None, None], chosen, 0.0)
+
 # -----------------------------------------------------------------------------
 # alignment
 
 
-def similarity_transform(src, dst):
-    """(2, 3) float64 matrix of the rotation + uniform scale + translation that best maps the points src
-    onto dst in least squares (Umeyama 1991), as [s R | t]."""
-    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
+def similarity_transform_torch(src, dst):
+    """(B, 2, 3) matrices [s R | t] of the rotation + uniform scale + translation that best map the points
+    src (B, P, 2) onto dst ((P, 2) or (B, P, 2)) in least squares, never a reflection (Umeyama 1991).
+    In 2-D it has a closed form, no SVD: with the centred points as complex numbers a and b,
+    s e^(i theta) = sum(conj(a) b) / sum(|a|^2). Batched tensor ops, nothing read back to the host."""
+    mu_s, mu_d = src.mean(-2, keepdim=True), dst.mean(-2, keepdim=True)
     a, b = src - mu_s, dst - mu_d
-    cov = b.T @ a / len(src)  # (2, 2)
-    U, S, Vt = np.linalg.svd(cov)
-    d = np.array([1.0, -1.0 if np.linalg.det(U) * np.linalg.det(Vt) < 0 else 1.0])  # a rotation, never a reflection
-    R = U @ np.diag(d) @ Vt
-    s = (S * d).sum() / (a ** 2).sum(1).mean()
-    t = mu_d - s * R @ mu_s
-    return np.concatenate([s * R, t[:, None]], 1)
+    norm = (a ** 2).sum((-2, -1))
+    p = (a * b).sum((-2, -1)) / norm  # s cos(theta)
+    q = (a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]).sum(-1) / norm  # s sin(theta)
+    sR = torch.stack([torch.stack([p, -q], -1), torch.stack([q, p], -1)], -2)  # (B, 2, 2)
+    t = mu_d[..., 0, :] - (sR @ mu_s.transpose(-1, -2))[..., 0]  # (B, 2)
+    return torch.cat([sR, t[..., None]], -1)
+
+
+def similarity_transform(src, dst):
+    """similarity_transform_torch for one face: src, dst (P, 2) points -> (2, 3) float64 numpy matrix."""
+    src, dst = (torch.from_numpy(np.asarray(v, np.float64)) for v in (src, dst))
+    return similarity_transform_torch(src[None], dst)[0].numpy()
 
 
 def warp(image, matrix, size):
@@ -224,32 +350,44 @@ def warp(image, matrix, size):
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def norm_to_pixels(w, h):
-    """3x3 map from grid_sample's [-1, 1] coordinates (align_corners=False) to pixels of a w x h image."""
-    return torch.tensor([[w / 2, 0, (w - 1) / 2], [0, h / 2, (h - 1) / 2], [0, 0, 1]], dtype=torch.float64)
-
-
 def warp_torch(images, matrices, size):
     """warp() for a batch, differentiable: (B, C, H, W) float, (B, 2, 3) image -> crop pixel transforms
-    -> (B, C, size, size). Gradients reach the pixels (and the matrices)."""
+    -> (B, C, size, size). Gradients reach the pixels (and the matrices). With matrices on the images' device
+    nothing goes to or from the host (the 2x2 inverse is written out: torch.linalg.inv reads an error flag back
+    from the GPU)."""
     B, C, H, W = images.shape
     M = torch.as_tensor(matrices, dtype=images.dtype, device=images.device)
-    bottom = torch.tensor([0.0, 0.0, 1.0], dtype=images.dtype, device=images.device).expand(B, 1, 3)
-    crop_to_image = torch.linalg.inv(torch.cat([M, bottom], 1))  # (B, 3, 3): what cv2 samples with
-    # grid_sample with align_corners=False puts pixel centre p at (2p + 1) / n - 1 in [-1, 1]: with pixel
-    # centres at integers on both sides, this is cv2's convention. theta = image->norm @ crop->image @ norm->crop
-    crop_from_norm = norm_to_pixels(size, size).to(images)
-    image_to_norm = torch.linalg.inv(norm_to_pixels(W, H)).to(images)
-    theta = (image_to_norm @ crop_to_image @ crop_from_norm)[:, :2]  # (B, 2, 3)
+    A, t = M[:, :, :2], M[:, :, 2]
+    det = A[:, 0, 0] * A[:, 1, 1] - A[:, 0, 1] * A[:, 1, 0]
+    inv = torch.stack([torch.stack([A[:, 1, 1], -A[:, 0, 1]], -1),
+                       torch.stack([-A[:, 1, 0], A[:, 0, 0]], -1)], -2) / det[:, None, None]
+    # crop pixel c -> image pixel p = inv (c - t), what cv2 samples with. grid_sample with align_corners=False
+    # puts pixel centre c of n pixels at u = (2c + 1) / n - 1 in [-1, 1]: with pixel centres at integers on both
+    # sides, this is cv2's convention. theta maps the crop's u to the image's: c = u size / 2 + (size - 1) / 2,
+    # then u_image = (p - (n - 1) / 2) / (n / 2) with n = W for x, H for y
+    lin = inv * (size / 2)  # (B, 2, 2)
+    at_centre = (inv @ ((size - 1) / 2 - t)[..., None])[..., 0]  # (B, 2): p at the crop's u = 0
+    theta = torch.stack([torch.cat([lin[:, 0], at_centre[:, :1] - (W - 1) / 2], -1) / (W / 2),
+                         torch.cat([lin[:, 1], at_centre[:, 1:] - (H - 1) / 2], -1) / (H / 2)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, (B, C, size, size), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+@functools.lru_cache
+def arcface_template(device):
+    """ARCFACE_TEMPLATE as a float64 tensor on `device`, copied there once: a copy to the GPU waits for its queue."""
+    return torch.from_numpy(ARCFACE_TEMPLATE).double().to(device)
+
+
 def arcface_crop(images, landmarks):
-    """(B, 3, H, W) float images in [-1, 1] and B (5, 2) landmark arrays (image pixels) -> (B, 3, 112, 112)
-    ArcFace inputs: each face aligned to ARCFACE_TEMPLATE, differentiable in the pixels (for eq. 7).
+    """(B, 3, H, W) float images in [-1, 1] and their landmarks in image pixels, a (B, 5, 2) tensor (detect_torch's,
+    on the images' device: nothing then goes to or from the host) or B (5, 2) arrays -> (B, 3, 112, 112) ArcFace
+    inputs: each face aligned to ARCFACE_TEMPLATE, differentiable in the pixels (for eq. 7).
     Outside the image the crop is -1, black, as embed()'s crops (cv2's border 0 on uint8)."""
-    matrices = np.stack([similarity_transform(lm, ARCFACE_TEMPLATE) for lm in landmarks])  # (B, 2, 3)
+    if not torch.is_tensor(landmarks):
+        landmarks = torch.from_numpy(np.stack(landmarks))
+    landmarks = landmarks.to(images.device, torch.float64)  # the transform in float64, as embed()'s
+    matrices = similarity_transform_torch(landmarks, arcface_template(images.device))  # (B, 2, 3)
     return warp_torch(images + 1, matrices, ARCFACE_SIZE) - 1  # grid_sample pads 0: shift black to 0 and back
 
 # -----------------------------------------------------------------------------

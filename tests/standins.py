@@ -1,11 +1,15 @@
 """
 Stand-in ONNX files with the signatures of the real face models (facefusion/models-3.0.0: retinaface_10g,
 arcface_w600k_r50, bisenet_resnet_34, codeformer, real_esrgan_x4), for tests that cannot download them.
-Built node by node with onnx.helper (no exporter needed). Each builder writes `path` and returns it.
+Built node by node with onnx.helper (no exporter needed), except scrfd(): a small SCRFD-shaped torch module
+exported as InsightFace exports det_10g. Each builder writes `path` and returns it.
 """
 
 import numpy as np
 import onnx
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 11  # what InsightFace's TorchScript exports use
@@ -68,6 +72,96 @@ def detector(path, faces, batch_dim=False, reverse=False):
             nodes.append(helper.make_node("Add", [name + "_c", "zero"], [name]))
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(init[name + "_c"].shape)) for name in names]
     return save(path, nodes, [image_input("input.1", DET_SIZE)], outputs[::-1] if reverse else outputs, init)
+
+
+class TinySCRFD(nn.Module):
+    """SCRFD's layout (InsightFace configs/scrfd/scrfd_10g_bnkps.py) with 8 channels: a ResNetV1e-like backbone
+    (conv + BN + ReLU stem, max pool, strided convs, an avg_down shortcut: AvgPool2d(ceil_mode=True,
+    count_include_pad=False) + 1x1 conv), a PAFPN neck (top-down F.interpolate(size=..., mode="nearest") + add,
+    bottom-up strided convs + add) over strides 8/16/32, and per-stride heads (BN, conv + ReLU; score conv with
+    sigmoid, box conv times a learned scale, landmark conv; 2 anchors per location) whose outputs are reshaped
+    to (N, 1), (N, 4), (N, 10) rows with the batch folded in, as det_10g's export (SCRFDHead.forward_single)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.stages = nn.ModuleList(nn.Conv2d(c, c, 3, 2, 1) for _ in range(3))  # strides 8, 16, 32
+        self.avg_down = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), nn.Conv2d(c, c, 1))
+        self.lateral = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(3))
+        self.bottom_up = nn.ModuleList(nn.Conv2d(c, c, 3, 2, 1) for _ in range(2))
+        self.heads = nn.ModuleList(nn.Sequential(nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, 1, 1), nn.ReLU())
+                                   for _ in range(3))
+        self.cls = nn.ModuleList(nn.Conv2d(c, 2, 3, 1, 1) for _ in range(3))
+        self.reg = nn.ModuleList(nn.Conv2d(c, 2 * 4, 3, 1, 1) for _ in range(3))
+        self.kps = nn.ModuleList(nn.Conv2d(c, 2 * 10, 3, 1, 1) for _ in range(3))
+        self.scales = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        x = self.stem(x)  # stride 4
+        c8 = F.relu(self.stages[0](x))
+        c16 = F.relu(self.stages[1](c8) + self.avg_down(c8))
+        c32 = F.relu(self.stages[2](c16))
+        p = [lat(f) for lat, f in zip(self.lateral, (c8, c16, c32))]
+        for i in (2, 1):  # top-down, sized like the finer map as mmdet's FPN does
+            p[i - 1] = p[i - 1] + F.interpolate(p[i], size=p[i - 1].shape[2:], mode="nearest")
+        for i in (0, 1):
+            p[i + 1] = p[i + 1] + self.bottom_up[i](p[i])
+        scores, boxes, kps = [], [], []
+        for i, f in enumerate(p):
+            f = self.heads[i](f)
+            scores.append(self.cls[i](f).permute(0, 2, 3, 1).reshape(-1, 1).sigmoid())
+            boxes.append((self.reg[i](f) * self.scales[i]).permute(0, 2, 3, 1).reshape(-1, 4))
+            kps.append(self.kps[i](f).permute(0, 2, 3, 1).reshape(-1, 10))
+        return (*scores, *boxes, *kps)
+
+    def score_logits(self, x):
+        """(B, N) score logits of all anchors, strides 8, 16, 32, as the outputs list them."""
+        logits = []
+        hooks = [conv.register_forward_hook(lambda m, i, o: logits.append(o.permute(0, 2, 3, 1).reshape(len(x), -1)))
+                 for conv in self.cls]
+        self(x)
+        for h in hooks:
+            h.remove()
+        return torch.cat(logits, 1)
+
+
+@torch.no_grad()
+def scrfd(path, calibrate, empty, seed=0):
+    """TinySCRFD with random weights, exported with torch.onnx.export as scrfd2onnx.py does (opset 11, input
+    "input.1" of dynamic batch and size; outputs score/bbox/kps_8/16/32). He-initialised convs (so textures
+    move the scores), random batch-norm statistics, boxes about 4 strides wide and landmarks within a few
+    strides of their anchor. The score biases are set so that a handful of anchors of each image of
+    `calibrate` ((B, 3, H, W) normalised letterboxes) pass 0.5 and none of `empty`'s, and no score of theirs
+    lies near 0.5: the threshold sits in the widest gap between logits, below every calibration image's 4th
+    best and above its 33rd and above all of `empty`'s."""
+    gen = torch.Generator().manual_seed(seed)
+    net = TinySCRFD().eval()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / m.weight[0].numel()) ** 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    for reg, kps in zip(net.reg, net.kps):
+        reg.weight.mul_(0.02)
+        reg.bias.fill_(2.0)  # distances to the four sides: 2 strides, give or take
+        kps.weight.mul_(0.02)
+        kps.bias.copy_(torch.randn(kps.bias.shape, generator=gen))
+    net.scales.copy_(torch.tensor([1.0, 0.9, 1.1]))
+    logits = net.score_logits(calibrate).sort(descending=True).values  # (B, N)
+    blank = net.score_logits(empty)
+    top, bottom = logits[:, 3].min(), max(logits[:, 32].max(), blank.max())
+    assert top > bottom, "no threshold gives every calibration image 4 to 32 passing anchors and none of empty's"
+    between = torch.cat([logits.flatten(), blank.flatten()]).sort(descending=True).values
+    between = torch.cat([top[None], between[(between < top) & (between > bottom)], bottom[None]])
+    gap = (between[:-1] - between[1:]).argmax()
+    for cls in net.cls:
+        cls.bias.sub_((between[gap] + between[gap + 1]) / 2)
+    names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    torch.onnx.export(net, (calibrate[:1],), path, dynamo=False, opset_version=OPSET, input_names=["input.1"],
+                      output_names=names, dynamic_axes={"input.1": {0: "batch", 2: "height", 3: "width"}})
+    return path
 
 
 def recognizer(path, seed=0, width=(8, 8, 16, 16, 16)):

@@ -1,7 +1,8 @@
 """
-faces.py on stand-in ONNX models (tests/standins.py): detection decoding + NMS + letterbox,
-alignment (numpy vs torch, gradients, the ArcFace crop), parsing masks, ArcFace (onnxruntime vs torch),
-model files (local, Hugging Face cache, CRC32 check, MissingModel offline).
+faces.py on stand-in ONNX models (tests/standins.py): detection decoding + NMS + letterbox, the torch detector
+(detect_torch against detect(), cv2's resize to the bit, nothing read back to the host), alignment (numpy vs
+torch, gradients, the ArcFace crop), parsing masks, ArcFace (onnxruntime vs torch), model files (local,
+Hugging Face cache, CRC32 check, MissingModel offline).
 Run: python -m pytest -q tests/test_faces.py
 """
 
@@ -15,8 +16,11 @@ import numpy as np
 import pytest
 from huggingface_hub import constants as hf_constants
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import data
 import faces
+import onnx_torch
 import standins
 from conftest import hub_cache
 
@@ -80,6 +84,202 @@ def test_letterbox():
 
 def test_detect_no_face(models):
     assert faces.detect(np.zeros((300, 200, 3), np.uint8), models["detector"]) == []
+
+
+# -----------------------------------------------------------------------------
+# the torch detector, on an SCRFD-shaped stand-in (a real conv graph, random weights)
+
+# textured squares on black, as (x, y, side) in fractions of the width, height, shorter side: the stand-in's
+# scores rise on texture, so each square draws a few anchors; a black image draws none
+SEVERAL = [(0.1, 0.12, 0.15), (0.45, 0.2, 0.25), (0.65, 0.62, 0.2)]
+ONE = [(0.3, 0.3, 0.3)]
+
+
+def squares(h, w, spec, seed):
+    """(h, w, 3) uint8: black with squares of blocky noise (blocks of about 1/160 of the side, so a resized
+    copy keeps its texture)."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((h, w, 3), np.uint8)
+    block = max(1, round(min(h, w) / 160))
+    for fx, fy, fs in spec:
+        x0, y0, side = int(fx * w), int(fy * h), int(fs * min(h, w))
+        n = -(-side // block)
+        noise = rng.integers(0, 256, (n, n, 3)).repeat(block, 0).repeat(block, 1)
+        image[y0:y0 + side, x0:x0 + side] = noise[:side, :side]
+    return image
+
+
+def face_batch(h, w):
+    """Several faces, none (black), one: uint8 images and the same as a (3, 3, h, w) tensor in [-1, 1]."""
+    images = [squares(h, w, SEVERAL, 1), np.zeros((h, w, 3), np.uint8), squares(h, w, ONE, 2)]
+    return images, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+DETECT_SIZES = [(640, 640), (512, 512), (480, 640)]
+
+
+@pytest.fixture(scope="module")
+def scrfd(tmp_path_factory):
+    """(path, detector_torch module) of the stand-in, its score threshold set on the several-faces and black images
+    at each size test_detect_torch_matches_detect uses."""
+    def letterboxes(images):
+        canvases = np.stack([faces.letterbox(image, faces.DET_SIZE)[0] for image in images])
+        return torch.from_numpy((canvases.astype(np.float32) - 127.5) / 128).permute(0, 3, 1, 2)
+
+    batches = [face_batch(h, w)[0] for h, w in DETECT_SIZES]
+    path = standins.scrfd(str(tmp_path_factory.mktemp("scrfd") / "scrfd.onnx"), letterboxes([b[0] for b in batches]),
+                          letterboxes([b[1] for b in batches]))
+    return path, faces.detector_torch(path)
+
+
+@pytest.mark.parametrize("size", [(512, 512), (1024, 1024), (600, 800), (200, 300)],
+                         ids=["upscale_512", "downscale_1024", "landscape_600x800", "portrait_200x300"])
+def test_letterbox_torch_is_cv2s_to_the_bit(size):
+    """letterbox_torch of a [-1, 1] tensor equals letterbox() of its data.to_uint8 image (cv2.INTER_LINEAR on
+    uint8, not antialiased when shrinking) exactly, at the training sizes up and down and off-square."""
+    h, w = size
+    image = np.random.default_rng(h).integers(0, 256, (h, w, 3)).astype(np.uint8)
+    want, want_scale = faces.letterbox(image, faces.DET_SIZE)
+    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    assert np.array_equal(data.to_uint8(tensor[0] / 2 + 0.5), image), "the test image must survive to_uint8 unchanged"
+    got, scale = faces.letterbox_torch(tensor, faces.DET_SIZE)
+    got = got[0].permute(1, 2, 0).numpy()
+    diff = np.abs(got - want)
+    assert scale == want_scale and got.shape == want.shape
+    assert diff.max() == 0, f"{(diff > 0).mean():.2%} of the values differ, by up to {diff.max()} levels"
+
+
+@pytest.mark.parametrize("size", DETECT_SIZES, ids=["640", "upscale_512", "landscape_480x640"])
+def test_detect_torch_matches_detect(scrfd, size):
+    """detect_torch on a batch (several faces, none, one) gives largest(detect()) of each image: the same found
+    flags, landmarks within 1e-3 px. Both see the same 8-bit letterbox; what differs is torch's and onnxruntime's
+    float arithmetic (about 1e-6 of an output, times a stride of at most 32 px), and the planted thresholds sit
+    far from any score, so the found flags must agree exactly."""
+    path, net = scrfd
+    images, tensor = face_batch(*size)
+    found, landmarks = faces.detect_torch(net, tensor)
+    assert found.shape == (3,) and found.dtype == torch.bool and landmarks.shape == (3, 5, 2)
+    assert landmarks.dtype == torch.float32 and torch.isfinite(landmarks).all()
+    want = [faces.detect(image, path) for image in images]
+    assert len(want[0]) >= 2 and want[1] == [] and len(want[2]) >= 1, \
+        f"the stand-in should find several faces, none, some: found {[len(w) for w in want]}"
+    assert found.tolist() == [bool(w) for w in want]
+    for i, w in enumerate(want):
+        if w:
+            err = np.abs(landmarks[i].numpy() - faces.largest(w).landmarks).max()
+            assert err < 1e-3, f"image {i}: landmarks {err:.2e} px from largest(detect())"
+    assert (landmarks[1] == 0).all(), "an image without a face gets zeros"
+
+
+def test_detect_torch_keeps_the_top_k(scrfd):
+    """With top_k=1 only each image's best anchor goes through NMS: found where detect() finds a face, and the
+    landmarks of detect()'s best-scored face (not the largest)."""
+    path, net = scrfd
+    images, tensor = face_batch(640, 640)
+    found, landmarks = faces.detect_torch(net, tensor, top_k=1)
+    want = [faces.detect(image, path) for image in images]
+    assert found.tolist() == [bool(w) for w in want]
+    err = np.abs(landmarks[0].numpy() - want[0][0].landmarks).max()
+    assert err < 1e-3, f"landmarks {err:.2e} px from detect()'s best face"
+
+
+class HostReads(TorchDispatchMode):
+    """Records the aten ops that read a device's data on the host or copy host data to a device: on a GPU each
+    waits for the GPU to finish its queue. .item(), .tolist(), bool(t) (_local_scalar_dense), outputs whose
+    size depends on the data (nonzero, masked_select, boolean-mask indexing), linalg's error checks, and copies
+    between the CPU and another device (.to(device), torch.as_tensor(array, device=...)). The CPU's own reads
+    (shapes kept on the host) cost nothing and pass."""
+
+    DATA_SIZED = {torch.ops.aten.nonzero, torch.ops.aten.masked_select, torch.ops.aten._linalg_check_errors,
+                  torch.ops.aten.unique_consecutive, torch.ops.aten._unique2, torch.ops.aten.is_nonzero}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
+        if "device" in kwargs:
+            devices.add(torch.device(kwargs["device"]).type)
+        op = func.overloadpacket
+        if (op is torch.ops.aten._local_scalar_dense and tensors[0].device.type != "cpu" or op in self.DATA_SIZED
+                or op is torch.ops.aten.index and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:])
+                or op in (torch.ops.aten._to_copy, torch.ops.aten.copy_) and "cpu" in devices and len(devices) > 1):
+            self.reads.append(f"{func} on {sorted(devices)}")
+        return func(*args, **kwargs)
+
+
+def no_host_reads(fn, monkeypatch):
+    """fn() under HostReads, on the meta device (no data at all: a read raises), with torch.tensor(data, device=...)
+    refused (it copies host data to the device below the dispatcher, where HostReads cannot see it)."""
+    tensor = torch.tensor
+
+    def host_only(data, *args, **kwargs):
+        assert kwargs.get("device") in (None, "cpu"), f"torch.tensor(..., device={kwargs['device']}) copies host data"
+        return tensor(data, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", host_only)
+    with HostReads() as mode:
+        out = fn()
+    return out, mode.reads
+
+
+def test_host_reads_are_caught(monkeypatch):
+    """The check below catches what it must: .item(), boolean-mask indexing, nonzero (recorded, or raised on meta
+    tensors), host data sent to a device (.to, as_tensor, torch.tensor)."""
+    x = torch.ones(4, device="meta")
+    cases = [("item", lambda: x.sum().item()), ("mask", lambda: x[x > 0]), ("nonzero", lambda: x.nonzero()),
+             ("to", lambda: torch.ones(2).to("meta")),
+             ("as_tensor", lambda: torch.as_tensor(np.ones(2), device="meta"))]
+    for name, fn in cases:
+        try:
+            _, reads = no_host_reads(fn, monkeypatch)
+        except (RuntimeError, NotImplementedError):  # meta tensors have no data to read
+            reads = ["raised"]
+        assert reads, f"{name} went unnoticed"
+    with pytest.raises(AssertionError, match="copies host data"):
+        no_host_reads(lambda: torch.tensor([1.0], device="meta"), monkeypatch)
+
+
+@pytest.mark.parametrize("size", [(512, 512), (600, 800)], ids=["square_512", "landscape_600x800"])
+def test_detect_torch_and_crop_read_nothing_back(scrfd, size, monkeypatch):
+    """The identity loss's detection and crop run with no host sync: detect_torch and arcface_crop with tensor
+    landmarks run on the meta device (no data, so any read raises) with no op that reads device data back, sizes
+    an output by the data, or copies host data over (HostReads). torch.cuda is not here; on a GPU the same ops
+    pass torch.cuda.set_sync_debug_mode("error")."""
+    _, net = scrfd
+    net = net.to("meta")
+    images = torch.empty(3, 3, *size, device="meta")
+    faces.arcface_crop(images, torch.empty(3, 5, 2, device="meta"))  # the template goes to a device once, first
+    (found, landmarks), reads = no_host_reads(lambda: faces.detect_torch(net, images), monkeypatch)
+    assert reads == [] and found.shape == (3,) and landmarks.shape == (3, 5, 2), reads
+    crops, reads = no_host_reads(lambda: faces.arcface_crop(images, landmarks), monkeypatch)
+    assert reads == [] and crops.shape == (3, 3, 112, 112), reads
+
+
+def test_detector_torch_self_check_fails_loudly(scrfd, monkeypatch):
+    """If the torch graph does not reproduce onnxruntime (here: one score bias changed), loading raises, naming the
+    file and the difference."""
+    path, _ = scrfd
+    real = onnx_torch.GraphModule
+
+    def off(p):
+        net = real(p)
+        next(t for name, t in net.named_parameters() if t.shape == (2,)).data += 1  # a score conv's bias
+        return net
+
+    monkeypatch.setattr(onnx_torch, "GraphModule", off)
+    with pytest.raises(RuntimeError, match=f"(?s){path}: the detector in PyTorch disagrees.*max abs difference"):
+        faces.detector_torch(path)
+
+
+def test_detector_torch_names_unsupported_ops(models):
+    """A detector graph with ops onnx_torch cannot run is refused at load, naming them (train.py then keeps the
+    onnxruntime detector)."""
+    with pytest.raises(NotImplementedError, match="(?s)ONNX op ReduceMax.*ONNX op Greater"):
+        faces.detector_torch(models["detector"])
 
 
 def smooth_image(h, w, c=3):
@@ -156,6 +356,42 @@ def test_arcface_crop_is_the_two_line_crop_inside_the_image():
                 f"outside the image: {outside.sum()} px, values {got[i][:, outside].unique()[:5]} (want -1)"
     got.sum().backward()
     assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+
+
+def umeyama_svd(src, dst):
+    """Reference: Umeyama's SVD solution, with the sign fix that keeps it a rotation."""
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    a, b = src - mu_s, dst - mu_d
+    U, S, Vt = np.linalg.svd(b.T @ a / len(src))
+    d = np.array([1.0, -1.0 if np.linalg.det(U) * np.linalg.det(Vt) < 0 else 1.0])
+    R = U @ np.diag(d) @ Vt
+    s = (S * d).sum() / (a ** 2).sum(1).mean()
+    return np.concatenate([s * R, (mu_d - s * R @ mu_s)[:, None]], 1)
+
+
+def test_similarity_closed_form_is_umeyamas():
+    """similarity_transform_torch's closed form gives Umeyama's SVD solution, batched, mirrored point sets included
+    (where the best similarity is not a reflection)."""
+    rng = np.random.default_rng(0)
+    src = rng.normal(0, 40, (64, 5, 2)) + rng.uniform(0, 500, (64, 1, 2))
+    src[::2] *= [-1, 1]
+    got = faces.similarity_transform_torch(torch.from_numpy(src), torch.from_numpy(faces.ARCFACE_TEMPLATE).double())
+    want = np.stack([umeyama_svd(p, faces.ARCFACE_TEMPLATE.astype(np.float64)) for p in src])
+    err = np.abs(got.numpy() - want).max() / np.abs(want).max()
+    assert err < 1e-10, f"max abs difference / max |matrix| = {err:.2e}"
+
+
+def test_arcface_crop_takes_tensor_landmarks():
+    """arcface_crop with a (B, 5, 2) float32 tensor of landmarks (detect_torch's) equals the crop from B numpy
+    arrays within 1e-5."""
+    images = (torch.from_numpy(smooth_image(200, 240)).permute(2, 0, 1) * 2 - 1).repeat(2, 1, 1, 1)
+    template = faces.ARCFACE_TEMPLATE.astype(np.float64)
+    landmarks = [apply(similarity(1.3, 12, 70, 30), template).astype(np.float32),
+                 apply(similarity(1.0, -20, -40, 110), template).astype(np.float32)]
+    want = faces.arcface_crop(images, landmarks)
+    got = faces.arcface_crop(images, torch.from_numpy(np.stack(landmarks)))
+    err = (got - want).abs().max().item()
+    assert got.shape == (2, 3, 112, 112) and err < 1e-5, f"max abs difference {err:.2e}"
 
 
 def test_arcface_crop_matches_embeds_input():

@@ -1,7 +1,8 @@
 """
 onnx_torch.GraphModule against onnxruntime: small ArcFace-like graphs (TorchScript export at opset 11 as
-InsightFace does, and an MXNet-style graph built by hand), gradients to the input, refused ops and
-attributes, and one tiny graph per supported op.
+InsightFace does, and an MXNet-style graph built by hand), a small SCRFD-shaped detector exported as det_10g
+is, gradients to the input, shapes kept on the host, refused ops and attributes, and one tiny graph per
+supported op.
 Run: python -m pytest -q tests/test_onnx_torch.py
 """
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 from onnx import TensorProto, helper
 
 import onnx_torch
+import standins
 
 
 def rel_err(a, b):
@@ -178,17 +180,70 @@ def test_gradient_reaches_input_and_weights_are_frozen(iresnet_onnx):
     assert all(p.grad is None for p in params)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# SCRFD-shaped stand-in (tests/standins.py): the ops of InsightFace's det_10g export
+
+SCRFD_OPS = {"Conv", "BatchNormalization", "Relu", "MaxPool", "AveragePool", "Add", "Resize", "Shape", "Gather",
+             "Unsqueeze", "Concat", "Slice", "Cast", "Mul", "Transpose", "Reshape", "Sigmoid"}
+
+
+@pytest.fixture(scope="module")
+def scrfd_onnx(tmp_path_factory):
+    # 200 x 136: odd feature maps (25 x 17 at stride 8), so ceil_mode pools overhang and the FPN's Resize
+    # goes from 13 x 9 to 25 x 17, not a plain doubling
+    noise = torch.randn(1, 3, 200, 136, generator=torch.Generator().manual_seed(0))
+    black = torch.full((1, 3, 200, 136), -127.5 / 128)
+    return standins.scrfd(str(tmp_path_factory.mktemp("onnx") / "scrfd.onnx"), noise, black)
+
+
+def test_scrfd_export_holds_the_det_10g_ops(scrfd_onnx):
+    """The stand-in's torch.onnx export holds the ops of SCRFD's (scrfd2onnx.py, opset 11) and GraphModule runs
+    them all."""
+    ops = {n.op_type for n in onnx.load(str(scrfd_onnx)).graph.node}
+    assert SCRFD_OPS <= ops <= set(onnx_torch.OPS) | {"Constant", "Identity"}, \
+        f"missing {SCRFD_OPS - ops}, not runnable {ops - set(onnx_torch.OPS) - {'Constant', 'Identity'}}"
+
+
+def test_scrfd_matches_onnxruntime(scrfd_onnx):
+    """All 9 outputs of the SCRFD-shaped graph equal onnxruntime's, for a batch of 2 at a size it was not traced at."""
+    x = torch.randn(2, 3, 200, 136, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = onnx_torch.GraphModule(scrfd_onnx)(x)
+    refs = onnxruntime_run(scrfd_onnx, x)
+    assert len(ours) == len(refs) == 9
+    for o, r in zip(ours, refs):
+        assert tuple(o.shape) == r.shape, f"shape {tuple(o.shape)} vs onnxruntime {r.shape}"
+        # relative to at least 1: scores are probabilities, and onnxruntime's Sigmoid is good to about 2e-7
+        err = (o - torch.from_numpy(r)).abs().max().item() / max(np.abs(r).max(), 1.0)
+        assert err < 1e-5, f"output of shape {r.shape}: max abs diff / max(1, max abs) = {err:.2e}"
+
+
+def test_shapes_stay_on_the_host(scrfd_onnx):
+    """Moved to another device (meta: no data), the weights follow but shapes and Resize's roi/scales stay on the
+    CPU, and the graph runs there: nothing of the device's data is read back to size a tensor."""
+    m = onnx_torch.GraphModule(scrfd_onnx).to("meta")
+    stored = {name: getattr(m, attr) for name, attr in m.stored.items()}
+    on_cpu = {name for name, t in stored.items() if t.device.type == "cpu"}
+    resize_inputs = {n.input[i] for n in onnx.load(str(scrfd_onnx)).graph.node if n.op_type == "Resize" for i in (1, 2)}
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert on_cpu == {name for name, t in stored.items() if not t.is_floating_point()} | resize_inputs, on_cpu
+    outs = m(torch.empty(2, 3, 200, 136, device="meta"))
+    n8 = 25 * 17 * 2  # stride 8, 2 anchors per location
+    assert [tuple(o.shape) for o in outs[::3]] == [(2 * n8, 1), (2 * n8, 4), (2 * n8, 10)]
+    assert all(o.device.type == "meta" for o in outs)
+
+
 def test_unsupported_ops_are_named(tmp_path):
-    """A graph with Relu and MatMul (ops ArcFace exports do not hold) is refused at load, and the error names
-    both ops and their first nodes."""
-    nodes = [helper.make_node("Relu", ["x"], ["s"], name="relu0"),
+    """A graph with Tanh and MatMul (ops neither ArcFace nor SCRFD exports hold) is refused at load, and the error
+    names both ops and their first nodes."""
+    nodes = [helper.make_node("Tanh", ["x"], ["s"], name="tanh0"),
              helper.make_node("MatMul", ["s", "s"], ["y"], name="matmul0"),
-             helper.make_node("Relu", ["y"], ["z"], name="relu1")]
+             helper.make_node("Tanh", ["y"], ["z"], name="tanh1")]
     path = save_graph(tmp_path / "bad.onnx", nodes, {"x": [2, 2]}, ["z"])
     with pytest.raises(NotImplementedError) as e:
         onnx_torch.GraphModule(path)
     msg = str(e.value)
-    assert "ONNX op Relu (node relu0)" in msg and "ONNX op MatMul (node matmul0)" in msg and "relu1" not in msg, msg
+    assert "ONNX op Tanh (node tanh0)" in msg and "ONNX op MatMul (node matmul0)" in msg and "tanh1" not in msg, msg
 
 
 W = np.ones((1, 1, 3, 3), np.float32)
@@ -203,9 +258,21 @@ W = np.ones((1, 1, 3, 3), np.float32)
      r"pads \[1, 1\] are not supported, only a 2-D Conv"),
     ([helper.make_node("Constant", [], ["k"], value_float=3.0, name="k"), helper.make_node("Mul", ["x", "k"], ["y"])],
      {"x": [2]}, {}, "Constant \\(node k\\) with value_float is not supported"),
-], ids=["auto_pad", "asymmetric_pads", "conv1d", "constant_value_float"])
+    ([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], pads=[0, 0, 1, 1], name="p")], {"x": [1, 1, 5, 5]},
+     {}, r"MaxPool \(node p\): pads \[0, 0, 1, 1\] are not supported"),
+    ([helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2], name="p")], {"x": [1, 1, 4, 4]}, {},
+     "the Indices output is not supported"),
+    ([helper.make_node("Resize", ["x", "roi", "scales"], ["y"], mode="linear", name="r")], {"x": [1, 1, 4, 4]},
+     {"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 2, 2], np.float32)},
+     r"Resize \(node r\): mode, coordinate_transformation_mode, nearest_mode \('linear', 'half_pixel'"),
+    ([helper.make_node("Unsqueeze", ["x", "axes"], ["y"], name="u")], {"x": [2]}, {"axes": np.array([0], np.int64)},
+     r"Unsqueeze \(node u\): axes as an input \(opset 13\+\) is not supported"),
+    ([helper.make_node("Slice", ["x"], ["y"], starts=[0], ends=[1], name="s")], {"x": [2]}, {},
+     r"Slice \(node s\): starts/ends as attributes \(opset 1-9\) are not supported"),
+], ids=["auto_pad", "asymmetric_pads", "conv1d", "constant_value_float", "pool_asymmetric_pads", "maxpool_indices",
+        "resize_linear", "unsqueeze_axes_input", "slice_attributes"])
 def test_unsupported_attributes_are_named(tmp_path, nodes, inputs, inits, error):
-    """What an ArcFace export never holds is refused at load rather than run by guesswork."""
+    """What neither an ArcFace nor an SCRFD export holds is refused at load rather than run by guesswork."""
     path = save_graph(tmp_path / "bad.onnx", nodes, inputs, ["y"], inits, opset=13)  # value_float: opset 12+
     with pytest.raises(NotImplementedError, match=error):
         onnx_torch.GraphModule(path)
@@ -258,6 +325,54 @@ CASES = [
     ("constant_scalar_and_two_outputs", [node("Constant", [], ["k"], value=onnx.numpy_helper.from_array(np.float32(3))),
                                          node("Mul", ["x", "k"], ["y1"]), node("Sub", ["k", "x"], ["y2"])],
      {"x": [2, 3]}, ["y1", "y2"], {}),
+    # SCRFD's ops
+    ("relu_sigmoid", [node("Relu", ["x"], ["r"]), node("Sigmoid", ["x"], ["s"])], {"x": [2, 3, 4]}, ["r", "s"], {}),
+    ("maxpool_stem_pads", [node("MaxPool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])],
+     {"x": [2, 3, 9, 8]}, ["y"], {}),
+    ("maxpool_ceil_mode", [node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)],
+     {"x": [1, 2, 7, 5]}, ["y"], {}),
+    ("averagepool_ceil_mode_exclude_pad", [node("AveragePool", ["x"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1,
+                                                count_include_pad=0)], {"x": [1, 2, 7, 5]}, ["y"], {}),
+    ("averagepool_pads_default_excludes", [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2],
+                                                pads=[1, 1, 1, 1])], {"x": [1, 2, 7, 6]}, ["y"], {}),
+    ("averagepool_pads_include_pad", [node("AveragePool", ["x"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+                                           count_include_pad=1)], {"x": [1, 2, 7, 6]}, ["y"], {}),
+    # mmdet's FPN: F.interpolate(x, size=y.shape[2:], mode="nearest") as torch.onnx exports it at opset 11
+    ("resize_sizes_from_shapes", [node("Shape", ["z"], ["sy"]), node("Gather", ["sy", "two"], ["h"], axis=0),
+                                  node("Gather", ["sy", "three"], ["w"], axis=0),
+                                  node("Unsqueeze", ["h"], ["h1"], axes=[0]),
+                                  node("Unsqueeze", ["w"], ["w1"], axes=[0]),
+                                  node("Concat", ["h1", "w1"], ["hw"], axis=0), node("Cast", ["hw"], ["hw64"], to=7),
+                                  node("Shape", ["x"], ["sx"]), node("Slice", ["sx", "zero", "two1", "zero"], ["nc"]),
+                                  node("Concat", ["nc", "hw64"], ["sizes"], axis=0),
+                                  node("Resize", ["x", "roi", "scales", "sizes"], ["up"], mode="nearest",
+                                       coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+                                  node("Add", ["up", "z"])],
+     {"x": [2, 3, 4, 3], "z": [2, 3, 7, 5]}, ["y"],
+     {"two": np.array(2, np.int64), "three": np.array(3, np.int64), "zero": np.array([0], np.int64),
+      "two1": np.array([2], np.int64), "roi": np.zeros(0, np.float32), "scales": np.zeros(0, np.float32)}),
+    ("resize_scales", [node("Resize", ["x", "roi", "scales"], mode="nearest",
+                            coordinate_transformation_mode="asymmetric", nearest_mode="floor")], {"x": [1, 2, 5, 4]}, ["y"],
+     {"roi": np.zeros(0, np.float32), "scales": np.array([1, 1, 1.5, 2], np.float32)}),
+    ("transpose_perm_and_default", [node("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+                                    node("Transpose", ["x"], ["d"])],
+     {"x": [2, 3, 4, 5]}, ["t", "d"], {}),
+    ("concat_negative_axis", [node("Concat", ["x", "z"], axis=-1)], {"x": [2, 3], "z": [2, 4]}, ["y"], {}),
+    # the head's reshape to rows, from a shape gathered with 1-D and scalar indices
+    ("shape_gather_unsqueeze_concat_reshape", [node("Shape", ["x"], ["s"]), node("Gather", ["s", "first"], ["n"]),
+                                               node("Unsqueeze", ["n"], ["n1"], axes=[-1]),
+                                               node("Gather", ["s", "second"], ["c"]),
+                                               node("Concat", ["n1", "c", "minus1"], ["shape"], axis=0),
+                                               node("Reshape", ["x", "shape"])],
+     {"x": [2, 3, 4, 5]}, ["y"],
+     {"first": np.array(0, np.int64), "second": np.array([-3], np.int64), "minus1": np.array([-1], np.int64)}),
+    ("slice_axes_steps_negative", [node("Slice", ["x", "st", "en", "ax", "sp"])], {"x": [4, 7, 6]}, ["y"],
+     {"st": np.array([-1, 1, 5], np.int64), "en": np.array([-2 ** 63, 100, 0], np.int64),
+      "ax": np.array([1, 0, -1], np.int64), "sp": np.array([-2, 1, -2], np.int64)}),
+    ("slice_default_axes_steps", [node("Slice", ["x", "st", "en"])], {"x": [4, 7]}, ["y"],
+     {"st": np.array([1, -3], np.int64), "en": np.array([3, 2 ** 63 - 1], np.int64)}),
+    ("cast_to_float", [node("Shape", ["x"], ["s"]), node("Cast", ["s"], ["f"], to=1), node("Mul", ["x", "f"])],
+     {"x": [2, 3, 3]}, ["y"], {}),
 ]
 
 
