@@ -10,18 +10,27 @@ diffusers use.
 A training run's outputs (save_result / load_result) are three files in one folder: the learned
 token embeddings, the LoRA in the diffusers/PEFT format, and the same LoRA in the kohya format read
 by AUTOMATIC1111 and ComfyUI. A run that trained no LoRA (phase 2 of 0 steps) has only the first.
+An SDXL run (two text encoders) writes the same three files in SDXL's variants of those formats, plus
+EMBEDS_DIR: one embedding file per token, for AUTOMATIC1111's and ComfyUI's embeddings folders.
 """
 
+import json
 import os
 import re
+import shutil
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
-EMBEDS_FILE = "learned_embeds.safetensors"  # {token: vector}, diffusers' load_textual_inversion format
+# SD1.x {token: vector}, diffusers' load_textual_inversion format; SDXL {"clip_l": (n_tokens, 768), "clip_g":
+# (n_tokens, 1280)}, rows in the order of the header's "tokens" (a JSON list), as diffusers' SDXL pivotal-tuning
+# script writes them
+EMBEDS_FILE = "learned_embeds.safetensors"
+EMBEDS_DIR = "embeddings"  # SDXL: <name>.safetensors per token, {"clip_l": (1, 768), "clip_g": (1, 1280)}
 KOHYA_FILE = "lora_kohya.safetensors"  # the kohya format, for AUTOMATIC1111 and ComfyUI
 WEIGHTS_FILE = "trained_weights.safetensors"  # weights trained in full (Custom Diffusion's attn2 k/v): {unet.<name>: ...}
 
@@ -137,20 +146,28 @@ def lora_state_dict(model, prefix):
     return sd
 
 
-def save_lora_file(unet, text_encoder, path, metadata=None):
-    """Write the diffusers/PEFT file; text_encoder may be None; metadata: {str: str} in the header."""
+def is_sdxl(unet):
+    """Whether a UNet is SDXL's: only SDXL's has add_embedding (pooled text + size conditioning); SD1.x's has not."""
+    return getattr(unet, "add_embedding", None) is not None
+
+
+def save_lora_file(unet, text_encoder, path, metadata=None, text_encoder_2=None):
+    """Write the diffusers/PEFT file (keys unet.*, text_encoder.*, and SDXL's text_encoder_2.*, the prefixes
+    StableDiffusionXLPipeline.load_lora_weights reads); either text encoder may be None; metadata: {str: str}
+    in the header."""
     sd = lora_state_dict(unet, "unet")
-    if text_encoder is not None:
-        sd |= lora_state_dict(text_encoder, "text_encoder")
+    for prefix, model in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if model is not None:
+            sd |= lora_state_dict(model, prefix)
     if not sd:
         raise ValueError("no LoRA to save: inject() was never called on these models")
     save_file({k: v.cpu() for k, v in sd.items()}, path, metadata=metadata)
 
 
-def load_lora_file(unet, text_encoder, path, scale=1.0):
+def load_lora_file(unet, text_encoder, path, scale=1.0, text_encoder_2=None):
     """Read a file written by save_lora_file into the models, injecting LoRA where it is missing."""
     sd = load_file(path)
-    models = {"unet": unet, "text_encoder": text_encoder}
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
     a_keys = [k for k in sd if k.endswith(suffix_a)]
     stray = set(sd) - set(a_keys) - {k[: -len(suffix_a)] + suffix_b for k in a_keys}
@@ -178,23 +195,65 @@ def load_lora_file(unet, text_encoder, path, scale=1.0):
             m.lora_A.weight.copy_(a)
             m.lora_B.weight.copy_(b)
         m.alpha = m.rank  # B in the file already carries alpha/rank
-    for model in (unet, text_encoder):
+    for model in models.values():
         if model is not None:
             set_scale(model, scale)
 
 
-def export_kohya(unet, text_encoder, path, metadata=None):
-    """Write the kohya format read by AUTOMATIC1111 and ComfyUI; text_encoder may be None.
+def kohya_sdxl_unet_name(name):
+    """The path of a Linear of diffusers' SDXL UNet in the SGM/LDM layout (Stability's checkpoint) that kohya's
+    sd-scripts trains SDXL on and names its LoRA keys after (SD1.x it trains on diffusers' layout).
+
+    SDXL has 3 levels. The down path is numbered input_blocks 1..8: level b's 2 layers are 3b+1 and 3b+2, its
+    downsampler 3b+3 (input_blocks.0 is conv_in). The up path is output_blocks 0..8: level b's 3 layers are
+    3b..3b+2. Within a layer the resnet is .0 and the attention .1; the mid block is middle_block.0 (resnet),
+    .1 (attention), .2 (resnet). Inside an attention the names are the same in both layouts; a resnet's one
+    Linear, time_emb_proj, is emb_layers.1. (sd-scripts' sdxl_model_util.make_unet_conversion_map.)
+    """
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name)
+    if m:
+        path, level, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        if level > 2 or j > (1 if path == "down" else 2):
+            raise ValueError(f"{name}: SDXL's UNet has 3 levels of 2 layers down and 3 up; this UNet is not SDXL's")
+        block = f"input_blocks.{3 * level + j + 1}" if path == "down" else f"output_blocks.{3 * level + j}"
+        layer = f"{block}.{0 if kind == 'resnets' else 1}"
+    elif m := re.fullmatch(r"mid_block\.(resnets\.0|attentions\.0|resnets\.1)\.(.+)", name):
+        layer = {"resnets.0": "middle_block.0", "attentions.0": "middle_block.1", "resnets.1": "middle_block.2"}[m[1]]
+        kind, rest = m[1].split(".")[0], m[2]
+    else:
+        top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+        if name not in top:
+            raise ValueError(f"{name}: no place in the SGM layout of SDXL's UNet known to kohya_sdxl_unet_name")
+        return top[name]
+    if kind == "resnets":
+        if rest != "time_emb_proj":
+            raise ValueError(f"{name}: the only Linear of an SDXL resnet is time_emb_proj")
+        rest = "emb_layers.1"
+    return f"{layer}.{rest}"
+
+
+def export_kohya(unet, text_encoder, path, metadata=None, text_encoder_2=None):
+    """Write the kohya format read by AUTOMATIC1111 and ComfyUI; either text encoder may be None.
 
     Keys: lora_unet_<path, dots to underscores>.lora_down.weight / .lora_up.weight
     and .alpha (the real alpha, a scalar: readers scale by alpha / rank);
     text encoder under lora_te_. Metadata keys get the ss_ prefix kohya uses.
+    SDXL (is_sdxl(unet)): the UNet paths are the SGM ones of kohya_sdxl_unet_name, the text encoders go
+    under lora_te1_ and lora_te2_, and the header says ss_base_model_version = sdxl_base_v1-0, kohya's tag,
+    by whose "sdxl_" AUTOMATIC1111 tells an SDXL LoRA.
     """
+    sdxl = is_sdxl(unet)
+    if text_encoder_2 is not None and not sdxl:
+        raise ValueError("export_kohya: text_encoder_2 was given, but the UNet is not SDXL's (it has no add_embedding)")
     sd = {}
-    for prefix, model in (("lora_unet", unet), ("lora_te", text_encoder)):
+    for prefix, model in (("lora_unet", unet), ("lora_te1" if sdxl else "lora_te", text_encoder),
+                          ("lora_te2", text_encoder_2)):
         if model is None:
             continue
         for name, m in lora_modules(model):
+            if sdxl and model is unet:
+                name = kohya_sdxl_unet_name(name)
             key = f"{prefix}_{name.replace('.', '_')}"
             sd[f"{key}.lora_down.weight"] = m.lora_A.weight.detach().cpu().contiguous()
             sd[f"{key}.lora_up.weight"] = m.lora_B.weight.detach().cpu().contiguous()
@@ -202,43 +261,96 @@ def export_kohya(unet, text_encoder, path, metadata=None):
     if not sd:
         raise ValueError("no LoRA to export: inject() was never called on these models")
     header = {"ss_network_module": "networks.lora"}  # how kohya's tools tag a plain LoRA
+    if sdxl:
+        header["ss_base_model_version"] = "sdxl_base_v1-0"
     header |= {k if k.startswith("ss_") else f"ss_{k}": v for k, v in (metadata or {}).items()}
     save_file(sd, path, metadata=header)
 
 
-def save_result(out_dir, unet, text_encoder, embeds, metadata, weights=None):
+def embedding_file_name(token):
+    """The file, in EMBEDS_DIR, of an SDXL token's embedding: AUTOMATIC1111 and ComfyUI call an embedding by its
+    file name, and Windows allows none of <>:"/\\|?* in one, so "<v1>" is v1.safetensors (called as v1)."""
+    name = re.sub(r'[<>:"/\\|?*\s]', "", token)
+    if not name:
+        raise ValueError(f"token {token!r} leaves no file name once <>:\"/\\|?* and spaces are removed; "
+                         "choose a placeholder with letters or digits, e.g. <v1>")
+    return f"{name}.safetensors"
+
+
+def save_result(out_dir, unet, text_encoder, embeds, metadata, weights=None, text_encoder_2=None):
     """Write a training run's outputs into out_dir: EMBEDS_FILE, LORA_FILE and KOHYA_FILE when the
-    models have LoRA, and WEIGHTS_FILE when `weights` ({"unet.<name>" or "text_encoder.<name>": tensor},
-    the parameters trained in full) is given. text_encoder: None when it has no LoRA; embeds: {token:
-    1-D tensor}; metadata: {str: str}, written into every file's header. Mirrors load_result."""
+    models have LoRA, and WEIGHTS_FILE when `weights` ({"unet.<name>", "text_encoder.<name>" or
+    "text_encoder_2.<name>": tensor}, the parameters trained in full) is given. text_encoder, text_encoder_2:
+    None when it has no LoRA; metadata: {str: str}, written into every file's header. Mirrors load_result.
+
+    embeds: SD1.x {token: 1-D tensor}. SDXL (is_sdxl(unet)): {token: (vector of text_encoder, vector of
+    text_encoder_2)}; besides EMBEDS_FILE, each token gets EMBEDS_DIR/embedding_file_name(token) with its
+    clip_l and clip_g rows, the SDXL embedding format of AUTOMATIC1111 and ComfyUI. diffusers reads either:
+    e = load_file(...); pipe.load_textual_inversion(e["clip_l"], token=..., text_encoder=pipe.text_encoder,
+    tokenizer=pipe.tokenizer), and e["clip_g"] with pipe.text_encoder_2 and pipe.tokenizer_2 (token: the list
+    in EMBEDS_FILE's "tokens" header entry, or the one token of a file in EMBEDS_DIR).
+    """
+    sdxl = is_sdxl(unet)
+    paired = [isinstance(v, (tuple, list)) and len(v) == 2 for v in embeds.values()]
+    if sdxl and not all(paired):
+        raise ValueError("save_result: an SDXL UNet takes embeds as {token: (vector of text_encoder, vector of "
+                         "text_encoder_2)}")
+    if not sdxl and any(paired):
+        raise ValueError("save_result: embeds of two vectors per token are for SDXL, but the UNet is not SDXL's")
     os.makedirs(out_dir, exist_ok=True)
-    save_file({tok: v.detach().cpu().contiguous() for tok, v in embeds.items()},
-              os.path.join(out_dir, EMBEDS_FILE), metadata=metadata)
+    # an SDXL run's per-token files: rewritten whole, so none of an earlier run's tokens remain
+    shutil.rmtree(os.path.join(out_dir, EMBEDS_DIR), ignore_errors=True)
+    if sdxl:
+        tokens = list(embeds)
+        files = [embedding_file_name(t) for t in tokens]
+        if len(set(files)) < len(files):
+            raise ValueError(f"tokens {tokens} give the same file names {files}: make them differ in letters or digits")
+        rows = {key: torch.stack([embeds[t][i].detach().cpu() for t in tokens])
+                for i, key in enumerate(("clip_l", "clip_g"))}
+        save_file(rows, os.path.join(out_dir, EMBEDS_FILE), metadata=dict(metadata, tokens=json.dumps(tokens)))
+        os.makedirs(os.path.join(out_dir, EMBEDS_DIR))
+        for i, file in enumerate(files):
+            save_file({key: r[i:i + 1].clone() for key, r in rows.items()},
+                      os.path.join(out_dir, EMBEDS_DIR, file), metadata=metadata)
+    else:
+        save_file({tok: v.detach().cpu().contiguous() for tok, v in embeds.items()},
+                  os.path.join(out_dir, EMBEDS_FILE), metadata=metadata)
     if weights:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   os.path.join(out_dir, WEIGHTS_FILE), metadata=metadata)
-    models = [unet] + ([text_encoder] if text_encoder is not None else [])
+    models = [m for m in (unet, text_encoder, text_encoder_2) if m is not None]
     modules = [m for model in models for _, m in lora_modules(model)]
     if not modules:  # an embeddings-only run: no LoRA file from an earlier run in this folder may remain
         for name in (LORA_FILE, KOHYA_FILE):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
         return
-    save_lora_file(unet, text_encoder, os.path.join(out_dir, LORA_FILE), metadata=metadata)
+    save_lora_file(unet, text_encoder, os.path.join(out_dir, LORA_FILE), metadata=metadata,
+                   text_encoder_2=text_encoder_2)
     # kohya's header carries one rank and alpha for the network: the first module's (the per-module
     # alpha is in the file's tensors)
     kohya = dict(metadata, network_dim=str(modules[0].rank), network_alpha=str(modules[0].alpha))
-    export_kohya(unet, text_encoder, os.path.join(out_dir, KOHYA_FILE), metadata=kohya)
+    export_kohya(unet, text_encoder, os.path.join(out_dir, KOHYA_FILE), metadata=kohya, text_encoder_2=text_encoder_2)
+
+
+def add_tokens(tokenizer, text_encoder, tokens):
+    """Add placeholder tokens to a tokenizer, growing its text encoder's token embedding to hold them; returns
+    their ids."""
+    ids = tokenizer.add_tokens(tokens)
+    if max(ids) >= text_encoder.text_model.embeddings.token_embedding.num_embeddings:
+        text_encoder.resize_token_embeddings(max(ids) + 1)
+    return ids
 
 
 def load_result(sd, path, scale=1.0, text_scale=None):
     """Apply a training run's outputs to a StableDiffusion: its learned token embeddings, its LoRA if it has
     one, and the weights it trained in full if it has those; returns the added tokens. Mirrors save_result.
     (A run that fine-tuned everything, DreamBooth, also wrote its whole pipeline: pass that folder as the base
-    model, and the run's folder here for its tokens.)
+    model, and the run's folder here for its tokens.) An SDXL model (sd.text_encoder_2 and sd.tokenizer_2 not
+    None) takes an SDXL run's outputs, into both text encoders.
 
     path: the run's folder, or its LORA_FILE or EMBEDS_FILE (the other is found beside it). scale: the
-    LoRA's strength; text_scale, if given, the text encoder LoRA's own (official inference: 0.6 UNet,
+    LoRA's strength; text_scale, if given, the text encoders' LoRA's own (official inference: 0.6 UNet,
     0.9 text encoder).
     """
     if os.path.isdir(path):
@@ -255,29 +367,45 @@ def load_result(sd, path, scale=1.0, text_scale=None):
     if not os.path.isfile(embeds_path):
         raise FileNotFoundError(f"{folder or '.'} has no {EMBEDS_FILE}: not a training run's folder "
                                 f"(train.py writes it into out_dir at the end of a run)")
+    text_encoder_2 = getattr(sd, "text_encoder_2", None)
+    with safe_open(embeds_path, "pt") as f:
+        sdxl_run, header = set(f.keys()) == {"clip_l", "clip_g"}, f.metadata() or {}
+    if sdxl_run != (text_encoder_2 is not None):
+        kinds = ("an SDXL", "an SD1.x") if sdxl_run else ("an SD1.x", "an SDXL")
+        raise ValueError(f"{embeds_path} is {kinds[0]} run's, and the model is {kinds[1]} one: load the run into "
+                         f"the model it was trained on (init_from in its config.json)")
+    if sdxl_run and "tokens" not in header:
+        raise ValueError(f"{embeds_path}: clip_l and clip_g rows without the header's \"tokens\" list that names "
+                         "them: not written by lora.save_result")
     if os.path.isfile(lora_path):  # absent when the run trained no LoRA
-        load_lora_file(sd.unet, sd.text_encoder, lora_path, scale)
+        load_lora_file(sd.unet, sd.text_encoder, lora_path, scale, text_encoder_2=text_encoder_2)
         if text_scale is not None:
-            set_scale(sd.text_encoder, text_scale)
+            for model in (sd.text_encoder, text_encoder_2):
+                if model is not None:
+                    set_scale(model, text_scale)
     embeds = load_file(embeds_path)
-    tokens = list(embeds)
-    ids = sd.tokenizer.add_tokens(tokens)
-    if max(ids) >= sd.text_encoder.text_model.embeddings.token_embedding.num_embeddings:
-        sd.text_encoder.resize_token_embeddings(max(ids) + 1)
+    if sdxl_run:
+        tokens = json.loads(header["tokens"])
+        encoders = [(sd.tokenizer, sd.text_encoder, embeds["clip_l"]),
+                    (sd.tokenizer_2, text_encoder_2, embeds["clip_g"])]
+    else:
+        tokens = list(embeds)
+        encoders = [(sd.tokenizer, sd.text_encoder, torch.stack([embeds[t] for t in tokens]))]
+    ids = [add_tokens(tokenizer, text_encoder, tokens) for tokenizer, text_encoder, _ in encoders]
     weights_path = os.path.join(folder, WEIGHTS_FILE)
     if os.path.isfile(weights_path):  # parameters the run trained in full replace the base model's
-        models = {"unet": sd.unet, "text_encoder": sd.text_encoder}
+        models = {"unet": sd.unet, "text_encoder": sd.text_encoder, "text_encoder_2": text_encoder_2}
         with torch.no_grad():
             for key, value in load_file(weights_path).items():
                 prefix, _, name = key.partition(".")
-                if prefix not in models:
-                    raise ValueError(f"{weights_path}: {key} is for neither the unet nor the text_encoder")
+                if models.get(prefix) is None:
+                    raise ValueError(f"{weights_path}: {key} is for none of the model's unet and text encoders")
                 p = models[prefix].get_parameter(name)
                 if p.shape != value.shape:
                     raise ValueError(f"{weights_path}: {key} is {tuple(value.shape)}, the model's {tuple(p.shape)}")
                 p.copy_(value)
-    table = sd.text_encoder.text_model.embeddings.token_embedding.weight  # re-read: resizing may replace it
-    with torch.no_grad():
-        for i, token in zip(ids, tokens):
-            table[i] = embeds[token]
+    for (_, text_encoder, rows), token_ids in zip(encoders, ids):
+        table = text_encoder.text_model.embeddings.token_embedding.weight  # read here: resizing may replace it
+        with torch.no_grad():
+            table[token_ids] = rows.to(table)
     return tokens

@@ -2,12 +2,16 @@
 LoRA injection, scaling, merging and files (lora.py), on small stand-in
 modules with the SD1.5 attribute paths; a training run's outputs saved and
 loaded on the tiny pipeline; plus one interop check against diffusers + peft
-loading our files into their own UNet and CLIP text encoder.
+loading our files into their own UNet and CLIP text encoder. SDXL: the same outputs for a tiny
+SDXL-shaped diffusers UNet and two text encoders, loaded by diffusers' StableDiffusionXLPipeline.
 Run: python -m pytest -q tests/test_lora.py
 """
 
+import json
 import os
+import re
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 import lora
-from model import StableDiffusion
+from model import CLIPTextModel, StableDiffusion, TextConfig, tiny_tokenizer
 
 D, CTX = 8, 6  # model width and text width of the stand-ins
 
@@ -475,3 +479,210 @@ def test_load_lora_file_leaves_global_rng(tmp_path):
     state = torch.get_rng_state()
     lora.load_lora_file(unet2, None, tmp_path / lora.LORA_FILE)
     assert torch.equal(torch.get_rng_state(), state), "load_lora_file advanced the global RNG"
+
+
+# -----------------------------------------------------------------------------
+# SDXL: two text encoders, and kohya's SGM names for the UNet
+
+def test_kohya_sdxl_unet_name():
+    """diffusers' SDXL UNet paths map to the SGM paths of sd-scripts' make_unet_conversion_map (resnet Linear:
+    emb_layers.1), and a path outside SDXL's layout is an error naming it."""
+    cases = {
+        "down_blocks.0.resnets.1.time_emb_proj": "input_blocks.2.0.emb_layers.1",
+        "down_blocks.1.attentions.1.proj_out": "input_blocks.5.1.proj_out",
+        "down_blocks.2.attentions.1.proj_in": "input_blocks.8.1.proj_in",
+        "mid_block.resnets.0.time_emb_proj": "middle_block.0.emb_layers.1",
+        "mid_block.attentions.0.transformer_blocks.9.ff.net.2": "middle_block.1.transformer_blocks.9.ff.net.2",
+        "mid_block.resnets.1.time_emb_proj": "middle_block.2.emb_layers.1",
+        "up_blocks.0.attentions.2.transformer_blocks.1.attn1.to_q": "output_blocks.2.1.transformer_blocks.1.attn1.to_q",
+        "up_blocks.1.resnets.0.time_emb_proj": "output_blocks.3.0.emb_layers.1",
+        "up_blocks.2.resnets.2.time_emb_proj": "output_blocks.8.0.emb_layers.1",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+    }  # fmt: skip
+    got = {name: lora.kohya_sdxl_unet_name(name) for name in cases}
+    assert got == cases, {k: v for k, v in got.items() if v != cases[k]}
+    for name in ("down_blocks.3.resnets.0.time_emb_proj", "down_blocks.0.resnets.2.time_emb_proj", "conv_in"):
+        with pytest.raises(ValueError, match=re.escape(name)):
+            lora.kohya_sdxl_unet_name(name)
+
+
+def sdxl_unet(seed=0):
+    """diffusers' UNet2DConditionModel in SDXL's layout, tiny: 3 levels (no attention in the first), 2 layers
+    down and 3 up, linear projections, text_time added conditioning; context = 32 + 48 wide."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=2, norm_num_groups=8, sample_size=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        cross_attention_dim=32 + 48, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+    ).eval()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory):
+    """A tiny SDXL run saved with save_result: LoRA on every Linear of the UNet (rank 4, alpha 3), the first
+    text encoder's attention and fc1 (rank 2, alpha 1), the second's attention (rank 3, alpha 5), and two
+    tokens. The text encoders are transformers' CLIPTextModel and CLIPTextModelWithProjection."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    tiny_tokenizer().save(folder / "tokenizer")
+    vocab = len(CLIPTokenizer.from_pretrained(folder / "tokenizer"))
+    cfg = dict(vocab_size=vocab, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+    def fresh():
+        unet = sdxl_unet()
+        torch.manual_seed(1)
+        te = CLIPTextModel(CLIPTextConfig(hidden_size=32, **cfg)).eval()
+        te_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=16, **cfg)).eval()
+        return unet, te, te_2
+
+    def pipe():
+        """diffusers' SDXL pipeline of the same base weights and a fresh tokenizer per encoder."""
+        import diffusers
+
+        unet, te, te_2 = fresh()
+        tok, tok_2 = (CLIPTokenizer.from_pretrained(folder / "tokenizer") for _ in range(2))
+        return diffusers.StableDiffusionXLPipeline(vae=None, text_encoder=te, text_encoder_2=te_2, tokenizer=tok,
+                                                   tokenizer_2=tok_2, unet=unet, scheduler=None)
+
+    unet, te, te_2 = fresh()
+    # transformers 5 drops CLIPTextModel's text_model level; our model keeps it, as the checkpoint does
+    ours_te = nn.Module()
+    ours_te.text_model = te
+    lora.inject(unet, [r".*"], rank=4, alpha=3)
+    lora.inject(ours_te, lora.OFFICIAL_TEXT_ENCODER + (r".*mlp\.fc1",), rank=2, alpha=1)
+    lora.inject(te_2, lora.OFFICIAL_TEXT_ENCODER, rank=3, alpha=5)
+    randomise_b(unet, ours_te, te_2)
+    g = torch.Generator().manual_seed(2)
+    embeds = {t: (torch.randn(32, generator=g), torch.randn(48, generator=g)) for t in ("<v1>", "<v2>")}
+    out = folder / "run"
+    lora.save_result(str(out), unet, ours_te, embeds, META, text_encoder_2=te_2)
+    models = {"unet": unet, "text_encoder": ours_te, "text_encoder_2": te_2}
+    return SimpleNamespace(out=out, models=models, embeds=embeds, pipe=pipe)
+
+
+def test_sdxl_result_files(sdxl_run):
+    """An SDXL run's folder: the embeddings (clip_l/clip_g rows and the header's token list), one A1111/ComfyUI
+    file per token, and a kohya file with SGM UNet names, lora_te1_/lora_te2_ and SDXL's base-model tag."""
+    out = sdxl_run.out
+    assert sorted(os.listdir(out)) == sorted([lora.EMBEDS_DIR, lora.EMBEDS_FILE, lora.KOHYA_FILE, lora.LORA_FILE])
+    assert sorted(os.listdir(out / lora.EMBEDS_DIR)) == ["v1.safetensors", "v2.safetensors"]
+    with safe_open(out / lora.EMBEDS_FILE, "pt") as f:
+        rows, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert json.loads(meta.pop("tokens")) == ["<v1>", "<v2>"] and meta == META, meta
+    for i, (token, (vec_l, vec_g)) in enumerate(sdxl_run.embeds.items()):
+        assert torch.equal(rows["clip_l"][i], vec_l) and torch.equal(rows["clip_g"][i], vec_g), token
+        with safe_open(out / lora.EMBEDS_DIR / f"v{i + 1}.safetensors", "pt") as f:
+            one = {k: f.get_tensor(k) for k in f.keys()}
+        assert {k: tuple(v.shape) for k, v in one.items()} == {"clip_l": (1, 32), "clip_g": (1, 48)}, one
+        assert torch.equal(one["clip_l"][0], vec_l) and torch.equal(one["clip_g"][0], vec_g), token
+    with safe_open(out / lora.KOHYA_FILE, "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alpha = f.get_tensor("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.alpha")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_dim"] == "4", meta
+    assert alpha.item() == 3.0, alpha
+    stems = ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "lora_unet_middle_block_1_proj_out",
+             "lora_unet_output_blocks_8_0_emb_layers_1", "lora_unet_label_emb_0_2", "lora_unet_time_embed_0",
+             "lora_te1_text_model_encoder_layers_1_mlp_fc1", "lora_te2_text_model_encoder_layers_0_self_attn_q_proj")
+    for stem in stems:
+        assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= keys, stem
+    assert not any(k.startswith(("lora_te_", "lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block"))
+                   for k in keys), sorted(keys)[:5]
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_sdxl_lora_loads_in_diffusers(sdxl_run, fmt):
+    """StableDiffusionXLPipeline.load_lora_weights reads our diffusers file and (converting kohya's SGM names
+    back) our kohya file; fused, every target in unet, text_encoder and text_encoder_2 is our W + delta."""
+    pipe = sdxl_run.pipe()
+    pipe.load_lora_weights(str(sdxl_run.out) if fmt == "diffusers" else str(sdxl_run.out / lora.KOHYA_FILE))
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"])
+    worst, count = (0.0, ""), 0
+    for part, ours in sdxl_run.models.items():
+        theirs = getattr(pipe, part)
+        for name, m in lora.lora_modules(ours):
+            # peft wraps each target: the fused weight is its base_layer's
+            module = theirs.get_submodule(name.removeprefix("text_model.") if part == "text_encoder" else name)
+            fused = getattr(module, "base_layer", module).weight
+            want = m.weight + m.delta()
+            assert maxdiff(want, m.weight) > 1e-3, f"{part}.{name}: the LoRA does not change the weight"
+            worst = max(worst, (maxdiff(fused, want), f"{part}.{name}"))
+            count += 1
+    assert count == sum(len(lora.lora_modules(m)) for m in sdxl_run.models.values())
+    assert worst[0] < 1e-6, f"{fmt}: fused weight vs W + delta: max abs diff {worst[0]} at {worst[1]}"
+
+
+def test_sdxl_embeddings_load_in_diffusers(sdxl_run):
+    """diffusers' load_textual_inversion, per encoder, puts our rows into both text encoders: from
+    EMBEDS_FILE (all tokens at once) and from a token's A1111/ComfyUI file."""
+    with safe_open(sdxl_run.out / lora.EMBEDS_FILE, "pt") as f:
+        rows, tokens = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["tokens"])
+    with safe_open(sdxl_run.out / lora.EMBEDS_DIR / "v2.safetensors", "pt") as f:
+        one = {k: f.get_tensor(k) for k in f.keys()}
+    for source, names in ((rows, tokens), (one, "<v2>")):
+        pipe = sdxl_run.pipe()
+        encoders = ((pipe.tokenizer, pipe.text_encoder, "clip_l"), (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"))
+        for tokenizer, te, key in encoders:
+            pipe.load_textual_inversion(source[key], token=names, text_encoder=te, tokenizer=tokenizer)
+        for token in [names] if isinstance(names, str) else names:
+            for (tokenizer, te, _), vec in zip(encoders, sdxl_run.embeds[token]):
+                row = te.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(token)]
+                assert torch.equal(row, vec), (token, maxdiff(row, vec))
+
+
+def tiny_sdxl(seed=0):
+    """A stand-in SDXL StableDiffusion for load_result: the tiny SDXL UNet, two of our CLIP text encoders
+    (32 and 48 wide) and a tokenizer for each."""
+    torch.manual_seed(seed)
+    vocab = len(tiny_tokenizer().vocab)
+    cfg = dict(vocab_size=vocab, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    te, te_2 = CLIPTextModel(TextConfig(hidden_size=32, **cfg)), CLIPTextModel(TextConfig(hidden_size=48, **cfg))
+    return SimpleNamespace(unet=sdxl_unet(seed), text_encoder=te.eval(), text_encoder_2=te_2.eval(),
+                           tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer())
+
+
+def test_sdxl_load_result_round_trip(tmp_path):
+    """save_result then load_result on SDXL: the tokens' rows in both encoders, every LoRA update at the given
+    UNet and text scales, and a weight of text_encoder_2 trained in full; an SDXL run into an SD1.x model,
+    an SD1.x run into SDXL, and SD1.x embeds for an SDXL UNet are errors that say so."""
+    pytest.importorskip("diffusers")
+    trained = tiny_sdxl()
+    g = torch.Generator().manual_seed(0)
+    lora.inject(trained.unet, lora.PAPER_UNET, rank=4, alpha=2, generator=g)
+    lora.inject(trained.text_encoder, lora.OFFICIAL_TEXT_ENCODER, rank=4, alpha=2, generator=g)
+    lora.inject(trained.text_encoder_2, lora.OFFICIAL_TEXT_ENCODER, rank=2, alpha=3, generator=g)
+    randomise_b(trained.unet, trained.text_encoder, trained.text_encoder_2)
+    embeds = {t: (torch.randn(32, generator=g), torch.randn(48, generator=g)) for t in ("<v1>", "<v2>")}
+    norm = torch.randn(48, generator=g)
+    lora.save_result(str(tmp_path), trained.unet, trained.text_encoder, embeds, META,
+                     weights={"text_encoder_2.text_model.final_layer_norm.weight": norm},
+                     text_encoder_2=trained.text_encoder_2)
+    sd = tiny_sdxl()
+    assert lora.load_result(sd, str(tmp_path), scale=0.6, text_scale=0.9) == ["<v1>", "<v2>"]
+    for token, (vec_l, vec_g) in embeds.items():
+        for tokenizer, te, vec in ((sd.tokenizer, sd.text_encoder, vec_l), (sd.tokenizer_2, sd.text_encoder_2, vec_g)):
+            row = te.text_model.embeddings.token_embedding.weight[tokenizer.tok.token_to_id(token)]
+            assert torch.equal(row, vec), token
+    assert torch.equal(sd.text_encoder_2.text_model.final_layer_norm.weight, norm)
+    for part, scale in (("unet", 0.6), ("text_encoder", 0.9), ("text_encoder_2", 0.9)):
+        lora.set_scale(getattr(trained, part), scale)
+        ours, theirs = dict(lora.lora_modules(getattr(trained, part))), dict(lora.lora_modules(getattr(sd, part)))
+        assert ours.keys() == theirs.keys(), (part, sorted(ours.keys() ^ theirs.keys())[:3])
+        d = max(maxdiff(ours[n].delta(), theirs[n].delta()) for n in ours)
+        assert d < 1e-6, f"{part}: loaded vs saved LoRA update: max abs diff {d}"
+
+    with pytest.raises(ValueError, match="is an SDXL run's, and the model is an SD1.x one"):
+        lora.load_result(StableDiffusion.tiny(), str(tmp_path))
+    save_run(tmp_path / "sd15")
+    with pytest.raises(ValueError, match="is an SD1.x run's, and the model is an SDXL one"):
+        lora.load_result(tiny_sdxl(), str(tmp_path / "sd15"))
+    with pytest.raises(ValueError, match="SDXL UNet takes embeds as"):
+        lora.save_result(str(tmp_path / "bad"), trained.unet, None, {"<v1>": torch.zeros(32)}, META)
