@@ -126,6 +126,8 @@ clip_ti_decay = False            # official --clip_ti_decay: after each phase-1 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bf16" if torch.cuda.is_available() else "fp32"  # compute dtype of the frozen parts: fp32, bf16, fp16
 gradient_checkpointing = False
+compile = False                  # torch.compile the UNet (and the identity loss's VAE decode): slow first steps
+                                 # while it compiles, then faster ones; the recorded attention keeps its gradient
 # logging, evaluation, checkpoints
 log_interval = 10
 eval_interval = 250
@@ -320,6 +322,8 @@ print(f"{len(sources)} source and {len(references)} reference photos; masks draw
 # model, and the placeholder tokens: new rows of the embedding table, trained as one small fp32 parameter
 sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
 sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
+if compile:  # in place, so parameter names and checkpoints are unchanged; LoRA added later recompiles once
+    sd.unet.compile()
 autocast = torch.autocast(device_type="cuda", dtype=ptdtype, enabled=(device.startswith("cuda") and dtype != "fp32"))
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "fp16"))  # fp16 needs loss scaling; bf16 does not
 T = sd.schedule.config.num_train_timesteps
@@ -436,6 +440,12 @@ if lambda_id > 0:  # the ArcFace eq. 7 backpropagates through, and each source p
         src_id = F.normalize(src_ids.mean(0), dim=-1)  # their mean identity
     # id_decode_fp32: the official code decodes x0_hat with its fp32 VAE; ours may be bf16, so keep an fp32 copy
     id_vae = copy.deepcopy(sd.vae).float() if id_decode_fp32 and ptdtype != torch.float32 else sd.vae
+    try:  # the detector as torch ops on the training device: no copy to the host for each decoded x0_hat
+        detector = faces.detector_torch(face_files["detector"]).to(device)
+    except (NotImplementedError, RuntimeError) as e:
+        detector = None
+        print(f"faces: the identity loss's detector runs with onnxruntime on the host ({e})")
+    id_decode = torch.compile(id_vae.decode) if compile else id_vae.decode
 
 # -----------------------------------------------------------------------------
 # one micro-step: a source and a reference photo, the prompts of the phase, the loss terms
@@ -553,9 +563,8 @@ def micro_step_losses(phase, boost, drawn=None):
         targets = src_ids[owners] if id_target == "own" else src_id.expand(len(sel), -1)
         values, found = identity_term(z0[sel], noise[sel], context[sel], targets, t_id)
         ident[sel] = values
-        missed = len(sel) - len(found)
-        if found:
-            terms["id"] = values[found].mean()
+        missed = (~found).sum()  # read on logging steps only
+        terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
     weight = torch.tensor([task.weight for task in tasks], device=recon.device)
     return total_loss(recon, attn, ident, weight, lambda_attn, lambda_id), terms, missed  # eq. 10
 
@@ -578,27 +587,32 @@ def object_composed_loss(z_t, eps, t, task, parts):
 def identity_term(z0, noise, context, targets, t_id):
     """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
     cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to each
-    sample's target identity -> ((B,) values, 0 where no face was found; the indices where one was)."""
+    sample's target identity -> ((B,) values, 0 where no face was found; (B,) bool: where one was)."""
     z_t = sd.schedule.add_noise(z0, noise, t_id)
     with autocast:
         eps = sd.unet(z_t, t_id, context)
     z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t_id)
     if id_decode_fp32:  # as the official code: fp32, then clamped to the image range
-        images = id_vae.decode(z0_hat / scale_factor).float().clamp(-1, 1)
+        images = id_decode(z0_hat / scale_factor).float().clamp(-1, 1)
     else:
         with autocast:
-            images = sd.vae.decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
-    found, landmarks = [], []
+            images = id_decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
+    found, landmarks = find_faces(images.detach())
+    emb = arcface(faces.arcface_crop(images, landmarks))  # every sample; those without a face are zeroed below
+    return torch.where(found, identity_loss(emb, targets), 0.0), found
+
+def find_faces(images):
+    """(B, 3, H, W) in [-1, 1] -> (found (B,) bool, landmarks (B, 5, 2) of each image's largest face), on the
+    device; onnxruntime on the host only where the detector's graph could not run as torch ops."""
+    if detector is not None:
+        return faces.detect_torch(detector, images)
+    found, landmarks = torch.zeros(len(images), dtype=torch.bool), torch.zeros(len(images), 5, 2)
     for i, image in enumerate(images):
         faces_found = faces.detect(data.to_uint8(image / 2 + 0.5), model=face_files["detector"])
         if faces_found:
-            found.append(i)
-            landmarks.append(faces.largest(faces_found).landmarks)
-    values = torch.zeros(len(images), device=images.device)
-    if found:
-        emb = arcface(faces.arcface_crop(images[found], landmarks))
-        values[found] = identity_loss(emb, targets[found])
-    return values, found
+            found[i] = True
+            landmarks[i] = torch.from_numpy(faces.largest(faces_found).landmarks)
+    return found.to(images.device), landmarks.to(images.device)
 
 # -----------------------------------------------------------------------------
 # validation: fixed seeds, the four prompts, and how much each token attends outside its region
@@ -817,7 +831,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             row = dict(step=done, phase=phase, loss=values.pop("loss"), **values, lr=lrs.pop("embeds"),
                        **{f"lr_{name}": v for name, v in lrs.items()})
             if missed is not None:
-                row["id_skipped"] = missed  # samples of this step where the detector found no face (eq. 7 skipped)
+                row["id_skipped"] = int(missed)  # samples of this step where the detector found no face (eq. 7 skipped)
             row["seconds"] = round(time.time() - t0, 2)
             if evaluate_now:
                 bar.set_description_str("drawing validation samples")

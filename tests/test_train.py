@@ -124,6 +124,22 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
     assert [r["step"] for r in log(part)] == [1, 2, 3, 4, 5, 6]
     assert len(os.listdir(part / "checkpoints")) == len(os.listdir(full / "checkpoints"))
 
+@pytest.mark.slow
+def test_compile_trains_the_same_weights(cache, run, tmp_path, monkeypatch):
+    """--compile=True (torch.compile of the UNet, attention recorded inside the compiled graph) ends with the
+    same LoRA and embeddings as the eager run. The backend is aot_eager: the graphs torch.compile captures,
+    run without inductor's code generation, which takes minutes on a CPU. About 40 s."""
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **dict(kw, backend="aot_eager")))
+    torch._dynamo.reset()
+    run_in_process(cache, monkeypatch, tmp_path / "c", *SHARED, "--compile=True")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(str(run[0] / name)), load_file(str(tmp_path / "c" / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), f"{name}:{k} max diff {(a[k] - b[k]).abs().max()}"
+
 def test_resume_with_augmentation_is_bit_identical(cache, run, tmp_path):
     """hflip and color_jitter (official) draw from the run's one generator: a resumed run repeats them and ends
     bit-identical; and they do change training."""
@@ -368,9 +384,27 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     g["id_target"] = "own"
     g["micro_step_losses"](2, 1.0)
     assert torch.equal(seen[-1][0], seen[-1][1]) and any(torch.equal(seen[-1][0], row) for row in g["src_ids"])
+    # this stand-in's graph is not torch-runnable, so the host path ran; with none found, eq. 7 is 0 and counted
+    assert g["detector"] is None
     monkeypatch.setattr(g["faces"], "detect", lambda *a, **k: [])
     total, terms, missed = g["micro_step_losses"](2, 1.0)
-    assert "id" not in terms and missed == 2
+    assert terms["id"].item() == 0 and int(missed) == 2
+    monkeypatch.undo()
+    # a detector whose graph runs as torch ops: find_faces on the device equals the host path on the same file
+    import numpy as np
+    import faces
+    import standins
+    from test_faces import face_batch  # several faces, none (black), one
+    photos, images = face_batch(512, 512)
+    boxes = np.stack([faces.letterbox(photo, faces.DET_SIZE)[0] for photo in photos[:2]])
+    boxes = torch.from_numpy((boxes.astype(np.float32) - 127.5) / 128).permute(0, 3, 1, 2)
+    path = standins.scrfd(str(tmp_path / "scrfd.onnx"), boxes[:1], boxes[1:])
+    g["face_files"]["detector"] = path
+    host_found, host_landmarks = g["find_faces"](images)
+    g["detector"] = faces.detector_torch(path)
+    found, landmarks = g["find_faces"](images)
+    assert host_found[0] and not host_found[1] and torch.equal(found, host_found), (found, host_found)
+    assert torch.allclose(landmarks[found], host_landmarks[found], atol=1e-3), (landmarks - host_landmarks).abs().max()
 
 def test_official_decode_clamps_the_image(cache, tmp_path, face_models, monkeypatch):
     """id_decode_fp32 (official) hands the detector and ArcFace x0_hat clamped to the image range; without it
