@@ -1,7 +1,9 @@
 """
-Stable Diffusion 1.5 in plain PyTorch: CLIP tokenizer and text encoder, VAE,
+Stable Diffusion 1.5 and SDXL in plain PyTorch: CLIP tokenizer and text encoder(s), VAE,
 UNet, noise schedule and DDIM sampler, plus loading and saving of the
-diffusers folder layout used on the Hugging Face Hub.
+diffusers folder layout used on the Hugging Face Hub. One set of classes serves both:
+each part's config.json says which SDXL features it has (model_index.json lists the
+second tokenizer and text encoder).
 
 Module attribute paths mirror the checkpoint keys (diffusers for the UNet and
 VAE, transformers for the text encoder), so weights load with
@@ -10,6 +12,7 @@ dictates an odd name (`to_out.0`, `ff.net.2`, `conv_norm_out`) a comment says so
 
     sd = StableDiffusion.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
     images = sd.sample(["a photo of an astronaut"], seed=0)   # (1, 3, 512, 512) in [0, 1]
+    sdxl = StableDiffusion.from_pretrained(SDXL_REPO, variant="fp16", dtype=torch.float16, device="cuda")
 """
 
 import json
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 DEFAULT_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 CLIP_REPO = "openai/clip-vit-large-patch14"  # the image tower CLIPVisionModel loads by default
 DINO_REPO = "facebook/dino-vitb8"  # the ViT the general-object losses (supplement eq. 11) read by default
 # the one table from the --dtype setting's names (sample.py, train.py, bench.py) to torch dtypes
@@ -45,6 +49,14 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     sample_size: int = 64
+    # SDXL's fields, absent from SD1.5's file (the defaults are what their absence means). SDXL base 1.0's
+    # unet/config.json: [1, 2, 10], true, "text_time", 256, 2816; with attention_head_dim [5, 10, 20],
+    # block_out_channels [320, 640, 1280], cross_attention_dim 2048 and a DownBlock2D/UpBlock2D top level
+    transformer_layers_per_block: int | tuple = 1  # transformer blocks in each attentions.N, per level
+    use_linear_projection: bool = False  # proj_in/proj_out: Linear (SD2, SDXL) or 1x1 Conv2d (SD1.x)
+    addition_embed_type: str | None = None  # "text_time": pooled text and image sizes join the time embedding
+    addition_time_embed_dim: int | None = None  # sinusoid width of each of the 6 size numbers (time_ids)
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled text + 6 sinusoids
 
 @dataclass
 class VAEConfig:
@@ -54,8 +66,11 @@ class VAEConfig:
     layers_per_block: int = 2
     latent_channels: int = 4
     norm_num_groups: int = 32
-    scaling_factor: float = 0.18215  # absent from the SD1.5 config.json; this is the default
+    scaling_factor: float = 0.18215  # absent from the SD1.5 config.json; this is the default (SDXL's file: 0.13025)
     sample_size: int = 512
+    # SDXL's VAE overflows in fp16, so its file says true and diffusers' SDXL pipeline decodes in fp32 when the
+    # weights are fp16; SD1.5's file lacks the field (diffusers' default is true) and its pipeline never reads it
+    force_upcast: bool = True
 
 @dataclass
 class TextConfig:
@@ -68,6 +83,9 @@ class TextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 768
+    # "CLIPTextModelWithProjection" adds text_projection (SDXL's text_encoder_2: OpenCLIP ViT-bigG, 1280 wide,
+    # 32 layers, hidden_act "gelu", projection_dim 1280)
+    architectures: tuple = ("CLIPTextModel",)
 
 @dataclass
 class VisionConfig:  # defaults: openai/clip-vit-large-patch14's vision_config (ViT-L/14 at 224 px)
@@ -104,14 +122,12 @@ class ScheduleConfig:
     steps_offset: int = 1
     set_alpha_to_one: bool = False
 
-# config.json values this code does not implement: the value SD1.5 has, and what
+# config.json values this code does not implement: the value SD1.5 and SDXL have, and what
 # a different value usually means, so the error can say what was loaded
 UNSUPPORTED = {
     "unet": dict(
-        addition_embed_type=(None, "an SDXL-style UNet (added text/time embeddings)"),
-        use_linear_projection=(False, "Stable Diffusion 2.x (linear proj_in/proj_out)"),
         upcast_attention=(False, "Stable Diffusion 2.1 (upcast attention)"),
-        transformer_layers_per_block=(1, "an SDXL-style UNet (several transformer layers per block)"),
+        reverse_transformer_layers_per_block=(None, "a UNet with its own up-path transformer depths"),
         class_embed_type=(None, "a class-conditioned UNet"),
         time_cond_proj_dim=(None, "an LCM-distilled UNet"),
         encoder_hid_dim=(None, "a UNet with an encoder projection"),
@@ -140,6 +156,7 @@ UNSUPPORTED = {
         latents_mean=(None, "an SDXL-style VAE with latent statistics"),
     ),
     "text_encoder": dict(),
+    "text_encoder_2": dict(),
     "image_encoder": dict(),
     "dino": dict(),
     "scheduler": dict(
@@ -166,17 +183,30 @@ def config_from_dict(cls, d, part):
     for key, (want, meaning) in UNSUPPORTED[part].items():
         got = d.get(key, want)
         got = tuple(got) if isinstance(got, list) else got
-        if key == "transformer_layers_per_block" and isinstance(got, tuple) and set(got) == {1}:
-            got = 1
+        if key == "upcast_attention" and got is None:  # SDXL's file has null, which diffusers reads as false
+            got = False
         if got != want:
             raise ValueError(f"{part}/config.json has {key}={got!r}, which looks like {meaning}. "
-                             f"model.py implements the Stable Diffusion 1.x architecture ({key}={want!r}).")
+                             f"model.py implements the Stable Diffusion 1.x and SDXL architectures ({key}={want!r}).")
     if part == "unet":
         types = set(d.get("down_block_types", ())) | set(d.get("up_block_types", ()))
         unknown = types - {"CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"}
         if unknown:
             raise ValueError(f"unet/config.json has down_block_types/up_block_types {sorted(unknown)}; model.py implements "
                              "CrossAttnDownBlock2D, DownBlock2D, CrossAttnUpBlock2D and UpBlock2D.")
+        depth, levels = d.get("transformer_layers_per_block", 1), len(d.get("down_block_types", UNetConfig.down_block_types))
+        if not (isinstance(depth, int) or (isinstance(depth, list) and len(depth) == levels
+                                           and all(isinstance(n, int) for n in depth))):
+            raise ValueError(f"unet/config.json has transformer_layers_per_block={depth!r}; model.py implements one "
+                             f"number, or one number per level ({levels} levels here, e.g. SDXL's [1, 2, 10]).")
+        kind = d.get("addition_embed_type")
+        if kind not in (None, "text_time"):
+            raise ValueError(f"unet/config.json has addition_embed_type={kind!r}; model.py implements none (SD1.x) "
+                             "and SDXL's 'text_time'.")
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if kind == "text_time" and d.get(key) is None:
+                raise ValueError(f"unet/config.json has addition_embed_type='text_time' but no {key}: SDXL's "
+                                 "file sets addition_time_embed_dim 256 and projection_class_embeddings_input_dim 2816.")
     if part == "vae":
         types = set(d.get("down_block_types", ())) | set(d.get("up_block_types", ()))
         if types - {"DownEncoderBlock2D", "UpDecoderBlock2D"}:
@@ -187,9 +217,14 @@ def config_from_dict(cls, d, part):
             if d.get(key, want) != want:
                 raise ValueError(f"the DINO config.json has {key}={d[key]!r}; model.py implements DINO's ViT as "
                                  f"transformers' ViTModel stores it ({key}={want!r}), e.g. {DINO_REPO}.")
-    if part == "text_encoder" and d.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
-        raise ValueError(f"text_encoder/config.json has hidden_act={d['hidden_act']!r}; "
-                         "model.py implements quick_gelu and gelu.")
+    if part in ("text_encoder", "text_encoder_2"):
+        if d.get("hidden_act", "quick_gelu") not in ("quick_gelu", "gelu"):
+            raise ValueError(f"{part}/config.json has hidden_act={d['hidden_act']!r}; "
+                             "model.py implements quick_gelu and gelu.")
+        arch = (d.get("architectures") or ["CLIPTextModel"])[0]
+        if arch not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+            raise ValueError(f"{part}/config.json has architectures [{arch!r}]; model.py implements "
+                             "CLIPTextModel and CLIPTextModelWithProjection.")
     if part == "scheduler" and d.get("beta_schedule", "scaled_linear") not in ("scaled_linear", "linear"):
         raise ValueError(f"scheduler/scheduler_config.json has beta_schedule={d['beta_schedule']!r}; "
                          "model.py implements scaled_linear and linear.")
@@ -223,6 +258,10 @@ class CLIPTokenizer:
         ])
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken("<|startoftext|>", special=True), AddedToken("<|endoftext|>", special=True)])
+        if pad_token != "<|endoftext|>":
+            # SDXL's tokenizer_2 pads with "!", a special token in its tokenizer_config.json: transformers then reads
+            # every "!" of a prompt as that token ("!" rather than "!</w>"), and so does this, to match diffusers
+            tok.add_special_tokens([AddedToken(pad_token, special=True, normalized=False)])
         tok.post_processor = processors.TemplateProcessing(
             single="<|startoftext|> $A <|endoftext|>",
             special_tokens=[("<|startoftext|>", self.bos_id), ("<|endoftext|>", self.eos_id)])
@@ -301,7 +340,7 @@ class CLIPTokenizer:
                   f"{len(dropped)} tokens are dropped: {text!r}")
 
 # -----------------------------------------------------------------------------
-# CLIP text encoder (transformers' CLIPTextModel)
+# CLIP text encoder (transformers' CLIPTextModel, or CLIPTextModelWithProjection for SDXL's second)
 
 class CLIPAttention(nn.Module):
     def __init__(self, cfg, causal):
@@ -348,6 +387,8 @@ class CLIPTextModel(nn.Module):
                                                             for _ in range(cfg.num_hidden_layers)))),
             final_layer_norm=nn.LayerNorm(D, eps=cfg.layer_norm_eps),
         ))
+        if "CLIPTextModelWithProjection" in cfg.architectures:  # the pooled embedding's projection (SDXL)
+            self.text_projection = nn.Linear(D, cfg.projection_dim, bias=False)
 
     def resize_token_embeddings(self, n):
         """Grow the token embedding to n rows for placeholder tokens; old rows are kept, new rows are zero."""
@@ -361,13 +402,33 @@ class CLIPTextModel(nn.Module):
         self.text_model.embeddings.token_embedding = new
         self.config.vocab_size = n
 
-    def forward(self, ids):
-        """(B, T) ids -> (B, T, D) last hidden state after the final layer norm (what SD conditions on)."""
+    def hidden_state(self, ids, n_layers=None):
+        """(B, T) ids -> (B, T, D): the output of the first n_layers layers (all by default), not normed."""
         m = self.text_model
         x = m.embeddings.token_embedding(ids) + m.embeddings.position_embedding.weight[:ids.shape[1]]
-        for layer in m.encoder.layers:
+        for layer in m.encoder.layers[:n_layers]:
             x = layer(x)
-        return m.final_layer_norm(x)
+        return x
+
+    def forward(self, ids):
+        """(B, T) ids -> (B, T, D) last hidden state after the final layer norm (what SD1.5 conditions on)."""
+        return self.text_model.final_layer_norm(self.hidden_state(ids))
+
+    def penultimate(self, ids):
+        """(B, T) ids -> (B, T, D) the second-to-last layer's output, not normed: each of SDXL's two encoders
+        gives its part of the context this way (transformers' hidden_states[-2])."""
+        return self.hidden_state(ids, -1)
+
+    def penultimate_and_pooled(self, ids, eos_id):
+        """(B, T) ids -> (penultimate (B, T, D), pooled (B, projection_dim)): the second text encoder's two outputs
+        in SDXL. pooled: the last hidden state (final layer norm) at each prompt's first EOS token, through
+        text_projection. OpenCLIP pools at ids.argmax(-1), the EOS token being the largest id of its vocabulary
+        (so does transformers for files with eos_token_id 2, as SDXL's); placeholder tokens added after it would
+        win that argmax, so the EOS is looked up by id."""
+        h = self.hidden_state(ids, -1)
+        last = self.text_model.final_layer_norm(self.text_model.encoder.layers[-1](h))
+        pooled = last[torch.arange(ids.shape[0], device=ids.device), (ids == eos_id).int().argmax(-1)]
+        return h, self.text_projection(pooled)
 
 # -----------------------------------------------------------------------------
 # CLIP image encoder (transformers' CLIPVisionModelWithProjection), for CLIP image scores
@@ -719,24 +780,30 @@ class BasicTransformerBlock(nn.Module):
         return x + h
 
 class Transformer2DModel(nn.Module):
-    """A spatial transformer: the checkpoint calls each one `attentions.N`."""
+    """A spatial transformer: the checkpoint calls each one `attentions.N`. depth blocks in a row (1 in SD1.x;
+    SDXL's transformer_layers_per_block: 2 and 10)."""
 
-    def __init__(self, c, heads, context_dim, groups):
+    def __init__(self, c, heads, context_dim, groups, depth=1, linear=False):
         super().__init__()
         self.norm = nn.GroupNorm(groups, c, eps=1e-6)
-        self.proj_in = nn.Conv2d(c, c, 1)  # 1x1 convs in SD1.x (SD2 uses Linear here)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(c, heads, context_dim)])
-        self.proj_out = nn.Conv2d(c, c, 1)
+        # the same per-pixel map stored two ways: 1x1 convs in SD1.x, Linear in SD2 and SDXL (use_linear_projection)
+        self.linear = linear
+        self.proj_in = nn.Linear(c, c) if linear else nn.Conv2d(c, c, 1)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(c, heads, context_dim) for _ in range(depth))
+        self.proj_out = nn.Linear(c, c) if linear else nn.Conv2d(c, c, 1)
 
     def forward(self, x, context):
         B, C, H, W = x.shape
-        h = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(B, H * W, C)
+        tokens = lambda m: m.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C)
+        image = lambda t: t.reshape(B, H, W, C).permute(0, 3, 1, 2)  # and back
+        h = self.norm(x)
+        h = self.proj_in(tokens(h)) if self.linear else tokens(self.proj_in(h))
         for block in self.transformer_blocks:
             h = block(h, context, (H, W))
-        return x + self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2))
+        return x + (image(self.proj_out(h)) if self.linear else self.proj_out(image(h)))
 
 # -----------------------------------------------------------------------------
-# UNet (diffusers' UNet2DConditionModel, SD1.x configuration)
+# UNet (diffusers' UNet2DConditionModel, SD1.x and SDXL configurations)
 
 def timestep_embedding(t, dim):
     """Sinusoidal embedding of the timestep, cos first (flip_sin_to_cos=True, freq_shift=0)."""
@@ -750,14 +817,19 @@ class UNet(nn.Module):
         super().__init__()
         self.config = cfg
         ch, L, G, eps = cfg.block_out_channels, cfg.layers_per_block, cfg.norm_num_groups, cfg.norm_eps
-        heads = cfg.attention_head_dim
+        heads = cfg.attention_head_dim  # per level, or one for all (the mid block takes the last level's)
         heads = list(heads) if isinstance(heads, tuple) else [heads] * len(ch)
+        depth = cfg.transformer_layers_per_block  # the same: per level, or one for all
+        depth = list(depth) if isinstance(depth, tuple) else [depth] * len(ch)
         temb = ch[0] * 4
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = nn.ModuleDict(dict(linear_1=nn.Linear(ch[0], temb), linear_2=nn.Linear(temb, temb)))
+        if cfg.addition_embed_type == "text_time":  # SDXL: the pooled text and 6 size sinusoids, into temb
+            self.add_embedding = nn.ModuleDict(dict(linear_1=nn.Linear(cfg.projection_class_embeddings_input_dim, temb),
+                                                    linear_2=nn.Linear(temb, temb)))
 
-        def attention(c, h):
-            return Transformer2DModel(c, h, cfg.cross_attention_dim, G)
+        def attention(level, c):
+            return Transformer2DModel(c, heads[level], cfg.cross_attention_dim, G, depth[level], cfg.use_linear_projection)
 
         # down path; `skips` tracks the channels of every tensor saved for the up path
         self.down_blocks, skips, cin = nn.ModuleList(), [ch[0]], ch[0]
@@ -768,7 +840,7 @@ class UNet(nn.Module):
             for j in range(L):
                 block.resnets.append(ResnetBlock2D(cin if j == 0 else c, c, G, eps, temb))
                 if "attentions" in block:
-                    block.attentions.append(attention(c, heads[i]))
+                    block.attentions.append(attention(i, c))
                 skips.append(c)
             if i < len(ch) - 1:
                 block.downsamplers = nn.ModuleList([Downsample2D(c, padding=1)])
@@ -777,10 +849,10 @@ class UNet(nn.Module):
             cin = c
         self.mid_block = nn.ModuleDict(dict(
             resnets=nn.ModuleList([ResnetBlock2D(ch[-1], ch[-1], G, eps, temb) for _ in range(2)]),
-            attentions=nn.ModuleList([attention(ch[-1], heads[-1])]),
+            attentions=nn.ModuleList([attention(-1, ch[-1])]),
         ))
-        # up path: each resnet eats one skip, in reverse order
-        self.up_blocks, rch, rheads = nn.ModuleList(), ch[::-1], heads[::-1]
+        # up path: each resnet eats one skip, in reverse order; up block i is level len(ch) - 1 - i
+        self.up_blocks, rch = nn.ModuleList(), ch[::-1]
         for i, (c, kind) in enumerate(zip(rch, cfg.up_block_types)):
             block = nn.ModuleDict(dict(resnets=nn.ModuleList()))
             if kind == "CrossAttnUpBlock2D":
@@ -788,7 +860,7 @@ class UNet(nn.Module):
             for j in range(L + 1):
                 block.resnets.append(ResnetBlock2D(cin + skips.pop(), c, G, eps, temb))
                 if "attentions" in block:
-                    block.attentions.append(attention(c, rheads[i]))
+                    block.attentions.append(attention(len(ch) - 1 - i, c))
                 cin = c
             if i < len(ch) - 1:
                 block.upsamplers = nn.ModuleList([Upsample2D(c)])
@@ -816,11 +888,22 @@ class UNet(nn.Module):
         recording = rec is not None and rec.wants(args[0].shape[-2:])
         return checkpointed(self.gradient_checkpointing and not recording, module, *args)
 
-    def forward(self, x, t, context):
-        """x: (B, 4, h, w) noisy latents, t: timesteps (B,) or scalar, context: (B, 77, D) -> predicted noise."""
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+    def forward(self, x, t, context, added_cond=None):
+        """x: (B, 4, h, w) noisy latents, t: timesteps (B,) or scalar, context: (B, 77, D) -> predicted noise.
+        added_cond (SDXL's UNet only; diffusers' added_cond_kwargs): dict(text_embeds=(B, 1280) pooled text,
+        time_ids=(B, 6) original height and width, crop top and left, target height and width)."""
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
         emb = timestep_embedding(t, self.config.block_out_channels[0]).to(x.dtype)
         emb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(emb)))
+        xl = self.config.addition_embed_type == "text_time"
+        if xl != (added_cond is not None):
+            raise ValueError("an SDXL UNet (addition_embed_type='text_time') takes added_cond=dict(text_embeds=..., "
+                             "time_ids=...), as StableDiffusion.encode_prompts returns it; an SD1.x UNet takes none")
+        if xl:  # each size number gets its own sinusoid, as the timestep does
+            sizes = timestep_embedding(added_cond["time_ids"].flatten(), self.config.addition_time_embed_dim)
+            a = torch.cat([added_cond["text_embeds"], sizes.reshape(B, -1)], dim=-1).to(emb.dtype)
+            emb = emb + self.add_embedding.linear_2(F.silu(self.add_embedding.linear_1(a)))
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
@@ -1013,11 +1096,16 @@ class Schedule:
 # -----------------------------------------------------------------------------
 # the pipeline: loading, saving, sampling
 
-PARTS = {  # folder: (config file, weights file stem)
-    "unet": ("config.json", "diffusion_pytorch_model"),
-    "vae": ("config.json", "diffusion_pytorch_model"),
-    "text_encoder": ("config.json", "model"),
+PARTS = {  # folder: (config file, weights file stem, module, config)
+    "unet": ("config.json", "diffusion_pytorch_model", UNet, UNetConfig),
+    "vae": ("config.json", "diffusion_pytorch_model", AutoencoderKL, VAEConfig),
+    "text_encoder": ("config.json", "model", CLIPTextModel, TextConfig),
+    "text_encoder_2": ("config.json", "model", CLIPTextModel, TextConfig),  # SDXL only
 }
+
+def pipeline_parts(index):
+    """The parts a pipeline folder holds: SD1.5's three, and text_encoder_2 where model_index.json lists it (SDXL)."""
+    return [p for p in PARTS if p != "text_encoder_2" or p in index]
 
 def weights_name(part, variant=None):
     stem = PARTS[part][1]
@@ -1025,10 +1113,10 @@ def weights_name(part, variant=None):
 
 def fix_legacy_keys(part, sd):
     """The one place where file keys differ from module paths; everything else loads as named."""
-    if part == "text_encoder":
+    if part in ("text_encoder", "text_encoder_2"):
         sd.pop("text_model.embeddings.position_ids", None)  # a buffer of 0..76 in older files, not a weight
         sd.pop("embeddings.position_ids", None)
-        if not any(k.startswith("text_model.") for k in sd):  # transformers 5 saves without the prefix
+        if not any(k.startswith("text_model.") for k in sd):  # transformers 5's CLIPTextModel saves without it
             sd = {"text_model." + k: v for k, v in sd.items()}
     if part == "image_encoder":
         # the full CLIP file holds both towers: drop the text tower, its projection and the logit scale
@@ -1075,7 +1163,7 @@ def hub_download(repo_id, variant=None):
     """Fetch only the files the pipeline needs (no safety checker, no .ckpt) through huggingface_hub's cache."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*"]
+    patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
     patterns += [f"{p}/{PARTS[p][0]}" for p in PARTS] + [f"{p}/{weights_name(p, variant)}" for p in PARTS]
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns)
@@ -1087,7 +1175,7 @@ def hub_download(repo_id, variant=None):
             f"Fix: run once with network access, or on another machine run\n"
             f"  hf download {repo_id} --include {' '.join(patterns)} --local-dir <dir>\n"
             f"copy <dir> here and pass its path as init_from.\n({type(e).__name__}: {e})") from e
-    for p in PARTS:
+    for p in pipeline_parts(read_json(os.path.join(path, "model_index.json"))):
         if not os.path.exists(os.path.join(path, p, weights_name(p, variant))):
             raise FileNotFoundError(f"'{repo_id}' has no {p}/{weights_name(p, variant)}"
                                     + (f" (is there a '{variant}' variant?)" if variant else ""))
@@ -1182,77 +1270,101 @@ def tiny_path(name="tiny-sd"):
     return os.path.join(root, "magicapture", name)
 
 class StableDiffusion(nn.Module):
-    def __init__(self, tokenizer, text_encoder, vae, unet, schedule):
+    """The pipeline: tokenizer, text encoder, VAE, UNet and noise schedule. SDXL adds tokenizer_2 and text_encoder_2
+    (is_xl); everything else is the same classes, built from each part's config.json."""
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, schedule, tokenizer_2=None, text_encoder_2=None,
+                 force_zeros_for_empty_prompt=True):
         super().__init__()
         self.tokenizer, self.schedule = tokenizer, schedule
         self.text_encoder, self.vae, self.unet = text_encoder, vae, unet
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+        # SDXL's model_index.json setting (true in SDXL base 1.0): sample() gives an empty negative prompt zeros
+        # as its context and pooled embedding instead of the encoded "", as SDXL's unconditional input was trained
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+
+    @property
+    def is_xl(self):
+        return self.text_encoder_2 is not None
 
     @classmethod
     def from_pretrained(cls, name_or_dir=DEFAULT_REPO, device="cpu", dtype=torch.float32, variant=None):
         """
-        Load a diffusers-layout pipeline from a local folder, a Hub repo id, or "tiny"
-        (a small random pipeline built and saved on first use; runs anywhere).
-        variant="fp16" picks the *.fp16.safetensors files (half the download).
+        Load a diffusers-layout pipeline (SD1.5, or SDXL where model_index.json lists text_encoder_2) from a local
+        folder, a Hub repo id, or "tiny" / "tiny-xl" (a small random SD1.5 / SDXL pipeline built and saved on
+        first use; runs anywhere). variant="fp16" picks the *.fp16.safetensors files (half the download).
         """
+        tiny = {"tiny": ("tiny-sd", cls.tiny), "tiny-xl": ("tiny-sdxl", cls.tiny_xl)}
         if os.path.isdir(name_or_dir):
             path = name_or_dir
-        elif name_or_dir == "tiny":
-            path = tiny_path()
+        elif name_or_dir in tiny:
+            folder, build = tiny[name_or_dir]
+            path = tiny_path(folder)
             if not os.path.exists(os.path.join(path, "model_index.json")):
                 print(f"building the tiny random pipeline in {path}")
-                cls.tiny().save_pretrained(path)
+                build().save_pretrained(path)
         elif name_or_dir.count("/") == 1 and not name_or_dir.startswith((".", "/", "~")):
             path = hub_download(name_or_dir, variant)
         else:
-            raise FileNotFoundError(f"init_from={name_or_dir!r} is neither a folder nor a Hub repo id "
-                                    f"(owner/name, e.g. {DEFAULT_REPO}) nor 'tiny'")
-        read_json(os.path.join(path, "model_index.json"))
-        configs = {p: read_json(os.path.join(path, p, PARTS[p][0])) for p in PARTS}
+            raise FileNotFoundError(f"init_from={name_or_dir!r} is neither a folder nor a Hub repo id (owner/name, "
+                                    f"e.g. {DEFAULT_REPO} or {SDXL_REPO}) nor 'tiny' or 'tiny-xl'")
+        index = read_json(os.path.join(path, "model_index.json"))
+        names = pipeline_parts(index)
+        configs = {p: read_json(os.path.join(path, p, PARTS[p][0])) for p in names}
         sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
-        tokenizer = CLIPTokenizer.from_dir(os.path.join(path, "tokenizer"))
-        # build on the meta device (no random init of 1B parameters), then take the file's tensors
+        # build on the meta device (no random init of billions of parameters), then take the file's tensors
         with torch.device("meta"):
-            parts = dict(
-                unet=UNet(config_from_dict(UNetConfig, configs["unet"], "unet")),
-                vae=AutoencoderKL(config_from_dict(VAEConfig, configs["vae"], "vae")),
-                text_encoder=CLIPTextModel(config_from_dict(TextConfig, configs["text_encoder"], "text_encoder")),
-            )
+            parts = {p: PARTS[p][2](config_from_dict(PARTS[p][3], configs[p], p)) for p in names}
+        xl = "text_encoder_2" in parts
+        if (parts["unet"].config.addition_embed_type == "text_time") != xl:
+            raise ValueError(f"{path}: unet/config.json has addition_embed_type="
+                             f"{parts['unet'].config.addition_embed_type!r} but model_index.json lists "
+                             f"{'a' if xl else 'no'} text_encoder_2; an SDXL folder has both, an SD1.x folder neither")
+        if xl and not hasattr(parts["text_encoder_2"], "text_projection"):
+            raise ValueError(f"{path}/text_encoder_2/config.json has architectures "
+                             f"{list(parts['text_encoder_2'].config.architectures)}; SDXL's second text encoder is "
+                             "a CLIPTextModelWithProjection (its pooled output conditions the UNet)")
         for p, module in parts.items():
             file = os.path.join(path, p, weights_name(p, variant))
             if not os.path.exists(file):
                 raise FileNotFoundError(f"{file} is missing" + (f" (no '{variant}' variant?)" if variant else ""))
             load_strict(module, fix_legacy_keys(p, load_file(file)), file)
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        tokenizer = CLIPTokenizer.from_dir(os.path.join(path, "tokenizer"))
+        # SDXL's tokenizer_2: the same vocabulary and merges, padded with "!" (its special_tokens_map.json)
+        tokenizer_2 = CLIPTokenizer.from_dir(os.path.join(path, "tokenizer_2")) if xl else None
         schedule = Schedule(config_from_dict(ScheduleConfig, sched, "scheduler"))
-        return cls(tokenizer, parts["text_encoder"], parts["vae"], parts["unet"], schedule)
+        return cls(tokenizer, parts["text_encoder"], parts["vae"], parts["unet"], schedule, tokenizer_2,
+                   parts.get("text_encoder_2"), index.get("force_zeros_for_empty_prompt", True))
 
     def save_pretrained(self, path):
-        """Write the diffusers folder layout; diffusers' StableDiffusionPipeline.from_pretrained reads it.
-        Placeholder tokens added to the tokenizer are left out, with their embedding rows: a training run
-        saves those in its learned_embeds.safetensors, which load_textual_inversion and lora.load_result read."""
-        vocab = len(self.tokenizer.vocab)
-        meta = {
-            "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-            "text_encoder": ("transformers", "CLIPTextModel"),
-        }
-        for p, module in (("unet", self.unet), ("vae", self.vae), ("text_encoder", self.text_encoder)):
+        """Write the diffusers folder layout; diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for
+        SDXL) .from_pretrained reads it. Placeholder tokens added to a tokenizer are left out, with their embedding
+        rows: a training run saves those in its learned_embeds.safetensors, which load_textual_inversion and
+        lora.load_result read."""
+        towers = {"text_encoder": self.tokenizer, "text_encoder_2": self.tokenizer_2}  # each with its tokenizer
+        meta = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL")}
+        for p in ("text_encoder", "text_encoder_2"):
+            if getattr(self, p) is not None:
+                meta[p] = ("transformers", getattr(self, p).config.architectures[0])
+        for p, (_, class_name) in meta.items():
+            module = getattr(self, p)
             os.makedirs(os.path.join(path, p), exist_ok=True)
-            cfg = {"_class_name": meta[p][1], **asdict(module.config)}
+            cfg = {"_class_name": class_name, **asdict(module.config)}
             if p == "unet":
-                cfg.update(sample_size=module.config.sample_size, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-                           mid_block_type="UNetMidBlock2DCrossAttn", downsample_padding=1)
+                cfg.update(act_fn="silu", flip_sin_to_cos=True, freq_shift=0, mid_block_type="UNetMidBlock2DCrossAttn",
+                           downsample_padding=1)
             if p == "vae":
                 n = len(module.config.block_out_channels)
                 cfg.update(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
-            if p == "text_encoder":  # special ids from the tokenizer: the SD1.5 file's 0/2/1 are wrong for CLIP
-                cfg.update(architectures=["CLIPTextModel"], model_type="clip_text_model",
-                           bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
-                           pad_token_id=self.tokenizer.pad_id)
             tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-            if p == "text_encoder":  # the base vocabulary's rows only (see above)
-                key = "text_model.embeddings.token_embedding.weight"
-                tensors[key] = tensors[key][:vocab].contiguous()
-                cfg.update(vocab_size=vocab)
+            if p in towers:
+                # special ids from the tokenizer: the SD1.5 and SDXL files' 0/2/1 are wrong for CLIP
+                tok = towers[p]
+                cfg.update(model_type="clip_text_model", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                           pad_token_id=tok.pad_id, vocab_size=len(tok.vocab))
+                key = "text_model.embeddings.token_embedding.weight"  # the base vocabulary's rows only (see above)
+                tensors[key] = tensors[key][:len(tok.vocab)].contiguous()
             with open(os.path.join(path, p, PARTS[p][0]), "w") as f:
                 json.dump(cfg, f, indent=2)
             save_file(tensors, os.path.join(path, p, weights_name(p)))
@@ -1264,6 +1376,12 @@ class StableDiffusion(nn.Module):
         index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
                  "safety_checker": [None, None], "feature_extractor": [None, None],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+        if self.is_xl:
+            self.tokenizer_2.save(os.path.join(path, "tokenizer_2"))
+            index = {"_class_name": "StableDiffusionXLPipeline", "image_encoder": [None, None],
+                     "feature_extractor": [None, None], "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+                     "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                     "scheduler": ["diffusers", "DDIMScheduler"]}
         index.update({p: list(m) for p, m in meta.items()})
         with open(os.path.join(path, "model_index.json"), "w") as f:
             json.dump(index, f, indent=2)
@@ -1283,9 +1401,53 @@ class StableDiffusion(nn.Module):
         return cls(tokenizer, text.eval().requires_grad_(False), vae.eval().requires_grad_(False),
                    unet.eval().requires_grad_(False), Schedule(ScheduleConfig()))
 
-    def encode_prompts(self, prompts):
+    @classmethod
+    def tiny_xl(cls, seed=0):
+        """A small random pipeline with SDXL's architecture: 3 levels, the top one without attention, then 1 and 2
+        transformer blocks with linear projections; two text encoders (quick_gelu 32 wide, and gelu 48 wide with a
+        40-wide projection), so the context is 32 + 48 = 80 wide and add_embedding reads 40 + 6 * 8 = 88; the
+        tiny() VAE (8x) with SDXL's scaling factor. The same seed gives the same weights; the caller's global
+        random state is left as it was."""
+        tokenizer = tiny_tokenizer()
+        tokenizer_2 = CLIPTokenizer(tokenizer.vocab, tokenizer.merges, pad_token="!")  # SDXL's tokenizer_2 pads with "!"
+        with seeded_init(seed):
+            text = CLIPTextModel(TextConfig(vocab_size=len(tokenizer.vocab), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=2, projection_dim=32))
+            text_2 = CLIPTextModel(TextConfig(vocab_size=len(tokenizer.vocab), hidden_size=48, intermediate_size=96,
+                                              num_hidden_layers=2, num_attention_heads=2, projection_dim=40,
+                                              hidden_act="gelu", architectures=("CLIPTextModelWithProjection",)))
+            vae = AutoencoderKL(VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+                                          sample_size=128, scaling_factor=0.13025))
+            unet = UNet(UNetConfig(block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(1, 2, 4),
+                                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                   transformer_layers_per_block=(1, 1, 2), use_linear_projection=True,
+                                   cross_attention_dim=80, addition_embed_type="text_time", addition_time_embed_dim=8,
+                                   projection_class_embeddings_input_dim=88, norm_num_groups=8, sample_size=16))
+        for m in (text, text_2, vae, unet):
+            m.eval().requires_grad_(False)
+        return cls(tokenizer, text, vae, unet, Schedule(ScheduleConfig()), tokenizer_2, text_2)
+
+    def encode_prompts(self, prompts, original_size=None, crops_coords_top_left=(0, 0), target_size=None):
+        """
+        What the UNet is conditioned on. SD1.5: the context (B, 77, 768), the text encoder's last hidden state.
+        SDXL: (context, added_cond), UNet.forward's last two arguments: context (B, 77, 2048) is both encoders'
+        penultimate hidden states side by side (768 + 1280), added_cond is dict(text_embeds=(B, 1280), the second
+        encoder's pooled projection, time_ids=(B, 6)). The sizes, (height, width) in pixels, are SDXL's
+        micro-conditioning (SDXL paper, sec. 2.2), read by SDXL only: the image's size before it was resized, the
+        top-left corner of its crop, and the size made; by default the native size and no crop, as diffusers sets them.
+        """
         ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids)
+        if not self.is_xl:
+            return self.text_encoder(ids)
+        h_2, pooled = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(self.device),
+                                                                 self.tokenizer_2.eos_id)
+        context = torch.cat([self.text_encoder.penultimate(ids), h_2], dim=-1)
+        native = (self.vae.config.sample_size,) * 2
+        # diffusers' add_time_ids order: original size, crop top-left, target size
+        sizes = [*(original_size or native), *crops_coords_top_left, *(target_size or native)]
+        time_ids = torch.tensor([sizes] * len(ids), dtype=torch.float32, device=self.device)
+        return context, dict(text_embeds=pooled, time_ids=time_ids)
 
     @property
     def device(self):
@@ -1299,7 +1461,8 @@ class StableDiffusion(nn.Module):
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, seed=None, latents=None,
                height=512, width=512, progress=False, sampler="ddim"):
         """Classifier-free guided sampling -> images (B, 3, H, W) in [0, 1]. sampler: "ddim" (eta: its
-        noise) or "euler_a" (Euler ancestral, the official MagiCapture inference)."""
+        noise) or "euler_a" (Euler ancestral, the official MagiCapture inference). SDXL is conditioned on
+        height x width as both its original and target size, without a crop."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         B = len(prompts)
         if height % 8 or width % 8:
@@ -1310,10 +1473,17 @@ class StableDiffusion(nn.Module):
             latents = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
         x = latents.to(self.device, self.dtype)
         negative = [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt)
-        context = self.encode_prompts(negative + prompts)  # (2B, 77, D): unconditional first
+        # unconditional first: (2B, 77, D), and for SDXL its added_cond
+        cond = self.encode_prompts(negative + prompts, original_size=(height, width), target_size=(height, width))
+        context, added = cond if self.is_xl else (cond, None)
+        if self.is_xl and self.force_zeros_for_empty_prompt:
+            # an empty negative prompt is zeros (diffusers applies this when no negative prompt is given)
+            keep = torch.tensor([n != "" for n in negative] + [True] * B, device=self.device).to(context.dtype)
+            context = context * keep[:, None, None]
+            added["text_embeds"] = added["text_embeds"] * keep[:, None]
 
         def guided(x_in, t):
-            eps_uncond, eps_text = self.unet(torch.cat([x_in, x_in]), t, context).chunk(2)
+            eps_uncond, eps_text = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
             return eps_uncond + guidance * (eps_text - eps_uncond)  # classifier-free guidance
 
         schedule = self.schedule
@@ -1338,7 +1508,16 @@ class StableDiffusion(nn.Module):
             bar = tqdm(timesteps, desc=sampler, unit="step")
         for i, t in enumerate(bar):
             x = step(i, t, x)
-        images = self.vae.decode(x / self.vae.config.scaling_factor)
+        vae = self.vae
+        # SDXL's VAE overflows in fp16 (force_upcast in its config.json): decode in fp32, as diffusers' SDXL pipeline
+        upcast = self.is_xl and vae.config.force_upcast and vae.post_quant_conv.weight.dtype == torch.float16
+        if upcast:
+            vae.float()
+        try:
+            images = vae.decode((x / vae.config.scaling_factor).to(vae.post_quant_conv.weight.dtype))
+        finally:
+            if upcast:
+                vae.half()
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
 def tiny_tokenizer():

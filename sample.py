@@ -1,9 +1,10 @@
 """
-Draw images from a Stable Diffusion 1.5 pipeline (DDIM or Euler ancestral), optionally with a
+Draw images from a Stable Diffusion 1.5 or SDXL pipeline (DDIM or Euler ancestral), optionally with a
 MagiCapture training result applied.
 
     python sample.py                                   # the tiny random pipeline, on any machine
     python sample.py --init_from=stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt="a photo of an astronaut"
+    python sample.py --init_from=stabilityai/stable-diffusion-xl-base-1.0 --variant=fp16 --prompt="an astronaut"
     python sample.py config/sample_sd15.py --lora=out/magicapture --prompt="a photo of <v1> person in the <v2> style"
     python sample.py ... --lora=out/magicapture --attention      # where <v1> and <v2> attend (paper Fig. 3)
     python sample.py ... --postprocess                           # + Real-ESRGAN and CodeFormer (postprocess.py)
@@ -26,7 +27,7 @@ from lora import load_result, merge
 from model import DTYPES, AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
-init_from = "tiny"        # a Hub repo id, a diffusers-layout folder, or "tiny"
+init_from = "tiny"        # a Hub repo id, a diffusers-layout folder (SD1.5 or SDXL), "tiny" or "tiny-xl"
 variant = None            # "fp16" downloads the half-size weight files
 prompt = "a photo of a person"
 negative_prompt = ""
@@ -37,7 +38,7 @@ eta = 0.0                 # DDIM only: 0 = deterministic
 seed = 0                  # image i uses seed + i
 num_samples = 4
 batch_size = 4
-height = None             # None: the model's native size (512 for SD1.5, 128 for tiny)
+height = None             # None: the model's native size (512 for SD1.5, 1024 for SDXL, 128 for the tiny ones)
 width = None
 lora = ""                 # a training result: train.py's out_dir, or its .safetensors files; its tokens are added
 lora_scale = 1.0          # strength of the LoRA (official inference: 0.6)
@@ -94,8 +95,9 @@ if lora:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--lora={lora}: {e}")
     # the LoRA's scale is now fixed: fold it into the base weights, so sampling needs no extra matmuls
-    merge(sd.unet)
-    merge(sd.text_encoder)
+    for m in (sd.unet, sd.text_encoder, sd.text_encoder_2):
+        if m is not None:
+            merge(m)
     print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")
 if attention:
     run_config = os.path.join(lora if os.path.isdir(lora) else os.path.dirname(lora), "config.json")

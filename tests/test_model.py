@@ -315,7 +315,7 @@ def edit_config(path, part, **changes):
         json.dump(cfg, fh)
 
 @pytest.mark.parametrize("part,change,message", [
-    ("unet", dict(use_linear_projection=True), "Stable Diffusion 2"),
+    ("unet", dict(upcast_attention=True), "Stable Diffusion 2.1"),
     ("unet", dict(addition_embed_type="text_time"), "SDXL"),
     ("unet", dict(transformer_layers_per_block=[1, 2, 10]), "SDXL"),
     ("scheduler", dict(prediction_type="v_prediction"), "v-prediction"),
