@@ -181,7 +181,7 @@ total_steps = phase1_steps + phase2_steps
 ckpt_dir = os.path.join(out_dir, "checkpoints")
 log_path = os.path.join(out_dir, "log.jsonl")
 RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE)
-RUN_DIRS = ("checkpoints", "samples", "masks")
+RUN_DIRS = ("checkpoints", "samples", "masks", lora.EMBEDS_DIR)
 
 def checkpoints():
     return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")))
@@ -321,6 +321,8 @@ print(f"{len(sources)} source and {len(references)} reference photos; masks draw
 # -----------------------------------------------------------------------------
 # model, and the placeholder tokens: new rows of the embedding table, trained as one small fp32 parameter
 sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
+if sd.is_xl and dtype == "fp16":
+    raise SystemExit("SDXL's VAE overflows in fp16 (its config says force_upcast): train with dtype=bf16 or fp32")
 sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
 if compile:  # in place, so parameter names and checkpoints are unchanged; LoRA added later recompiles once
     sd.unet.compile()
@@ -329,32 +331,56 @@ scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "fp16"))  # fp16 needs l
 T = sd.schedule.config.num_train_timesteps
 scale_factor = sd.vae.config.scaling_factor
 
-ids = sd.tokenizer.add_tokens(list(tokens))
-sd.text_encoder.resize_token_embeddings(len(sd.tokenizer))
-table = sd.text_encoder.text_model.embeddings.token_embedding
-embeds = torch.empty(2, table.embedding_dim, device=device)
+# SDXL has two text encoders, each with its tokenizer (the same vocabulary): the tokens are learned in both,
+# as one row of the two widths side by side (768; SDXL 768 + 1280)
+encoders = {"text_encoder": sd.text_encoder} | ({"text_encoder_2": sd.text_encoder_2} if sd.is_xl else {})
+tokenizers = [sd.tokenizer] + ([sd.tokenizer_2] if sd.is_xl else [])
+ids = [lora.add_tokens(tokenizer, m, list(tokens)) for tokenizer, m in zip(tokenizers, encoders.values())]
+assert all(i == ids[0] for i in ids), f"the tokenizers gave the placeholders different ids: {ids}"
+ids = ids[0]
+tables = [m.text_model.embeddings.token_embedding for m in encoders.values()]
+widths = [table.embedding_dim for table in tables]
+embeds = torch.empty(2, sum(widths), device=device)
 init_ids = sd.tokenizer([init_v1, init_v2])
 for i, word in enumerate((init_v1, init_v2)):
     if word:
         word_ids = init_ids[i][1:][init_ids[i][1:] != sd.tokenizer.eos_id]
         if len(word_ids) != 1:
             raise SystemExit(f"init word {word!r} is {len(word_ids)} tokens; pick a word that is one token")
-        embeds[i] = table.weight[word_ids[0]].float()
+        embeds[i] = torch.cat([table.weight[word_ids[0]].float() for table in tables])
     else:
-        noise = torch.randn(table.embedding_dim, generator=torch.Generator().manual_seed(seed))
+        noise = torch.randn(sum(widths), generator=torch.Generator().manual_seed(seed))
         embeds[i] = noise.to(device) * 0.017  # official code's std
 embeds = torch.nn.Parameter(embeds)
 
-def use_learned_rows(module, args, out):
-    # the token lookup returns our fp32 rows for the placeholder ids: every other row stays untouched
-    tok = args[0]
-    new = (tok >= ids[0]) & (tok <= ids[1])
-    return torch.where(new[..., None], embeds[(tok - ids[0]).clamp(0, 1)].to(out.dtype), out)
+def use_learned_rows(columns):
+    def hook(module, args, out):
+        # the token lookup returns our fp32 rows for the placeholder ids: every other row stays untouched
+        tok = args[0]
+        new = (tok >= ids[0]) & (tok <= ids[1])
+        return torch.where(new[..., None], embeds[(tok - ids[0]).clamp(0, 1), columns].to(out.dtype), out)
+    return hook
 
-table.register_forward_hook(use_learned_rows)
+for table, start in zip(tables, np.cumsum([0] + widths)):
+    table.register_forward_hook(use_learned_rows(slice(int(start), int(start) + table.embedding_dim)))
+
+def condition(prompts):
+    """What the UNet is conditioned on, with gradient to the learned rows: (context, added_cond); added_cond is
+    SDXL's pooled text and size conditioning (the photos' size, no crop), None for SD1.5."""
+    if not sd.is_xl:
+        return sd.encode_prompts(prompts), None
+    return sd.encode_prompts(prompts, original_size=(resolution, resolution), target_size=(resolution, resolution))
+
+def rows_of(added, sel):
+    return None if added is None else {k: v[sel] for k, v in added.items()}
+
+def per_encoder(rows):
+    """A learned row as save_result takes it: the vector (SD1.5), or one per text encoder (SDXL)."""
+    parts = rows.detach().split(widths, dim=-1)
+    return tuple(parts) if sd.is_xl else parts[0]
 
 # the parameters trained in full in phase 2 (the baselines), by name: "unet.<name>" or "text_encoder.<name>"
-full_params = {f"{prefix}.{n}": p for prefix, m in (("unet", sd.unet), ("text_encoder", sd.text_encoder))
+full_params = {f"{prefix}.{n}": p for prefix, m in dict(unet=sd.unet, **encoders).items()
                for n, p in m.named_parameters() if any(re.fullmatch(t, f"{prefix}.{n}") for t in full_targets)}
 if full_targets and not full_params:
     raise SystemExit(f"full_targets={full_targets} matches no parameter; the names look like "
@@ -531,13 +557,13 @@ def micro_step_losses(phase, boost, drawn=None):
     -> (total, {term: value} for the log, identity samples without a detected face, or None without eq. 7)."""
     tasks, noise, t, t_id = drawn or draw_micro_batch(phase, boost)
     z0 = torch.stack([task.latent for task in tasks])
-    text_ids = sd.tokenizer([task.prompt for task in tasks]).to(device)
+    prompts = [task.prompt for task in tasks]
     record = phase == 2 and lambda_attn > 0
-    rec = AttentionRecorder(text_ids, ids, attn_resolutions if record else ())  # () records nothing
+    rec = AttentionRecorder(sd.tokenizer(prompts).to(device), ids, attn_resolutions if record else ())  # () records nothing
     z_t = sd.schedule.add_noise(z0, noise, t)
     with autocast, sd.unet.record_attention(rec):
-        context = sd.text_encoder(text_ids)
-        pred = sd.unet(z_t, t, context)
+        context, added = condition(prompts)
+        pred = sd.unet(z_t, t, context, added)
     parts = []  # eq. 11's terms of each composed object sample
     recon = torch.stack([object_composed_loss(z_t[i:i + 1], pred[i:i + 1], t[i:i + 1], task, parts)  # eq. 11
                          if task.name == "c" and subject == "object" else
@@ -561,7 +587,7 @@ def micro_step_losses(phase, boost, drawn=None):
         sel = [i for i, task in enumerate(tasks) if task.source is not None]
         owners = [tasks[i].source for i in sel]
         targets = src_ids[owners] if id_target == "own" else src_id.expand(len(sel), -1)
-        values, found = identity_term(z0[sel], noise[sel], context[sel], targets, t_id)
+        values, found = identity_term(z0[sel], noise[sel], context[sel], rows_of(added, sel), targets, t_id)
         ident[sel] = values
         missed = (~found).sum()  # read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
@@ -584,13 +610,13 @@ def object_composed_loss(z_t, eps, t, task, parts):
     parts.append(terms)
     return lambda_ssim * terms["ssim"] + lambda_contra * terms["contra"] + lambda_style * terms["style"]
 
-def identity_term(z0, noise, context, targets, t_id):
+def identity_term(z0, noise, context, added, targets, t_id):
     """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
     cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to each
     sample's target identity -> ((B,) values, 0 where no face was found; (B,) bool: where one was)."""
     z_t = sd.schedule.add_noise(z0, noise, t_id)
     with autocast:
-        eps = sd.unet(z_t, t_id, context)
+        eps = sd.unet(z_t, t_id, context, added)
     z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t_id)
     if id_decode_fp32:  # as the official code: fp32, then clamped to the image range
         images = id_decode(z0_hat / scale_factor).float().clamp(-1, 1)
@@ -642,10 +668,10 @@ def attention_on_validation():
         z0, regions = ref_mean * scale_factor, [ref_face, ref_rest]
     noise = torch.randn(z0.shape, generator=g).to(device)
     t = torch.full((len(z0),), T // 2, device=device)
-    text_ids = sd.tokenizer([val_prompts[0]] * len(z0)).to(device)
-    rec = AttentionRecorder(text_ids, ids, attn_resolutions)
+    prompts = [val_prompts[0]] * len(z0)
+    rec = AttentionRecorder(sd.tokenizer(prompts).to(device), ids, attn_resolutions)
     with autocast, sd.unet.record_attention(rec):
-        sd.unet(sd.schedule.add_noise(z0, noise, t), t, sd.text_encoder(text_ids))
+        sd.unet(sd.schedule.add_noise(z0, noise, t), t, *condition(prompts))
     if not rec.maps:
         return {}
     outside = attention_outside(rec.maps, torch.stack(regions, dim=1)[:, :, 0])
@@ -663,14 +689,15 @@ def setup_phase(phase):
     if lora_targets and not lora.lora_modules(sd.unet):  # LoRA's init from its own generator: same whatever ran before
         g = torch.Generator().manual_seed(seed)
         lora.inject(sd.unet, lora_targets, rank=lora_rank, alpha=lora_alpha, generator=g)
-        if lora_text_encoder:
-            lora.inject(sd.text_encoder, lora.OFFICIAL_TEXT_ENCODER, rank=lora_rank, alpha=lora_alpha, generator=g)
-    for p in lora.lora_parameters(sd.unet) + lora.lora_parameters(sd.text_encoder) + list(full_params.values()):
+        for m in encoders.values() if lora_text_encoder else ():
+            lora.inject(m, lora.OFFICIAL_TEXT_ENCODER, rank=lora_rank, alpha=lora_alpha, generator=g)
+    text_lora = [p for m in encoders.values() for p in lora.lora_parameters(m)]
+    for p in lora.lora_parameters(sd.unet) + text_lora + list(full_params.values()):
         p.data = p.data.float()  # trainable weights stay fp32 whatever the compute dtype
         p.requires_grad_(True)
     groups = [dict(name="embeds", params=[embeds], lr=lr_embed2, weight_decay=0.0),
               dict(name="lora", params=lora.lora_parameters(sd.unet), lr=lr_lora, weight_decay=weight_decay),
-              dict(name="lora_text", params=lora.lora_parameters(sd.text_encoder), lr=lr_lora_text,
+              dict(name="lora_text", params=text_lora, lr=lr_lora_text,
                    weight_decay=weight_decay),
               dict(name="full", params=list(full_params.values()), lr=lr_full, weight_decay=weight_decay)]
     return make_optimizer([g for g in groups if g["params"]], phase2_steps)
@@ -678,9 +705,11 @@ def setup_phase(phase):
 @torch.no_grad()
 def pull_norms_toward(target, lam):
     """The official --clip_ti_decay: move each placeholder embedding's norm a fraction lam of the way to
-    target, keeping its direction (official: target 0.4, lam = min(1, 100 * lr) after each phase-1 step)."""
-    norm = embeds.norm(dim=-1, keepdim=True)
-    embeds.copy_(F.normalize(embeds, dim=-1) * (norm + lam * (target - norm)))
+    target, keeping its direction (official: target 0.4, lam = min(1, 100 * lr) after each phase-1 step); SDXL: each
+    text encoder's part of the row."""
+    for part in embeds.split(widths, dim=-1):  # views: copy_ writes into embeds
+        norm = part.norm(dim=-1, keepdim=True)
+        part.copy_(F.normalize(part, dim=-1) * (norm + lam * (target - norm)))
 
 def make_optimizer(groups, steps):
     opt = torch.optim.AdamW(groups, fused=device.startswith("cuda"))  # fused: one kernel for all parameters
@@ -688,7 +717,7 @@ def make_optimizer(groups, steps):
 
 def trained_tensors():
     """Every trained weight but the token rows (embeds), by name: LoRA's and those trained in full."""
-    lora_weights = {f"{prefix}.{k}": v for prefix, m in (("unet", sd.unet), ("text_encoder", sd.text_encoder))
+    lora_weights = {f"{prefix}.{k}": v for prefix, m in dict(unet=sd.unet, **encoders).items()
                     for k, v in m.state_dict().items() if ".lora_" in k}
     return dict(lora_weights, **{k: p.data for k, p in full_params.items()})
 
@@ -861,8 +890,10 @@ if not master:
     sys.exit(0)  # the first process writes the outputs
 meta = {k: json.dumps(config[k]) for k in ("init_from", "lora_rank", "lora_alpha", "seed", "phase1_steps",
                                            "phase2_steps", "resolution")}
-lora.save_result(out_dir, sd.unet, sd.text_encoder if lora_text_encoder else None, dict(zip(tokens, embeds.detach())),
-                 meta, weights=None if save_pipeline else {k: p.data for k, p in full_params.items()})
+lora.save_result(out_dir, sd.unet, sd.text_encoder if lora_text_encoder else None,
+                 {tok: per_encoder(row) for tok, row in zip(tokens, embeds)}, meta,
+                 weights=None if save_pipeline else {k: p.data for k, p in full_params.items()},
+                 text_encoder_2=sd.text_encoder_2 if lora_text_encoder and sd.is_xl else None)
 if save_pipeline:  # the whole fine-tuned model, for diffusers' from_pretrained and init_from (its tokens: EMBEDS_FILE)
     sd.save_pretrained(os.path.join(out_dir, "pipeline"))
 plot_losses(log_path, os.path.join(out_dir, "loss.png"))

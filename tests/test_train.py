@@ -374,9 +374,9 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     seen = []
     real_identity_term = g["identity_term"]
 
-    def spy(z0, noise, context, targets, t_id):
+    def spy(z0, noise, context, added, targets, t_id):
         seen.append(targets)
-        return real_identity_term(z0, noise, context, targets, t_id)
+        return real_identity_term(z0, noise, context, added, targets, t_id)
 
     g["identity_term"] = spy
     g["micro_step_losses"](2, 1.0)
@@ -487,6 +487,42 @@ def test_diffusers_draws_the_same_image_with_our_outputs(cache, trained, scale):
     err = (ours - ref).abs().max().item()
     assert err < 5e-3, f"max pixel difference {err:.2e}"
     assert (ours - base).abs().max() > 0.05  # the LoRA and tokens really change the image
+
+def test_sdxl_run_and_diffusers_draws_the_same_image(cache):
+    """config/tiny_sdxl.py trains the tokens in both text encoders and LoRA on the UNet and both encoders;
+    diffusers' StableDiffusionXLPipeline, given our LoRA file and each encoder's rows of our embeddings file,
+    draws our sample within 5e-3."""
+    import diffusers
+    out = cache / "trained_xl"
+    r = train(cache, out, "--phase1_steps=2", "--phase2_steps=3", "--lr_lora=0.05", "--lr_embed1=0.05",
+              "--lora_text_encoder=True", "--lr_lora_text=0.01", config="config/tiny_sdxl.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(out / "embeddings")) == ["v1.safetensors", "v2.safetensors"]
+    assert "attn_outside" in log(out)[-1]  # eq. 8 read SDXL's cross-attention
+    path = str(cache / "xdg" / "magicapture" / "tiny-sdxl")
+    prompt = "a photo of <v1> person in the <v2> style"
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sd = model.StableDiffusion.from_pretrained(path)
+    base = sd.sample([prompt.replace("<v1>", "a").replace("<v2>", "red")], steps=5, latents=latents, height=64, width=64)
+    assert lora.load_result(sd, str(out)) == ["<v1>", "<v2>"]
+    ours = sd.sample([prompt], steps=5, latents=latents, height=64, width=64)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(out))
+    emb = load_file(str(out / "learned_embeds.safetensors"))
+    for key, tokenizer, text_encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
+                                         ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
+        pipe.load_textual_inversion(emb[key], token=["<v1>", "<v2>"], tokenizer=tokenizer, text_encoder=text_encoder)
+    ref = pipe(prompt, num_inference_steps=5, guidance_scale=7.5, latents=latents, height=64, width=64,
+               output_type="pt").images
+    err = (ours - ref).abs().max().item()
+    assert err < 5e-3, f"max pixel difference {err:.2e}"
+    assert (ours - base).abs().max() > 0.05  # the LoRA and tokens really change the image
+    r = subprocess.run([sys.executable, "sample.py", "--init_from=tiny-xl", f"--lora={out}", "--attention",
+                        "--steps=2", "--num_samples=1", "--height=64", "--width=64", f"--out_dir={out / 's'}",
+                        "--device=cpu", "--dtype=fp32", f"--prompt={prompt}"],
+                       cwd=ROOT, env=dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg")), capture_output=True, text=True)
+    assert r.returncode == 0 and (out / "s" / "seed0_attention.png").exists(), r.stderr[-2000:]
 
 def test_sample_with_lora_and_attention_maps(cache, trained, tmp_path):
     """sample.py --lora --attention writes, per image, image | <v1> map | <v2> map."""
