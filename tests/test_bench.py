@@ -1,4 +1,4 @@
-"""bench.py runs end to end at a small size, and in every benchmark our output matches diffusers'.
+"""bench.py runs at a small size, and every row's output (train step: loss and LoRA gradients) matches diffusers'.
 Run: python -m pytest tests/test_bench.py
 """
 import os
@@ -15,7 +15,8 @@ def test_bench_runs_and_matches_diffusers():
     # table rows: "name  ours  diffusers  ratio | ours MB  diffusers  ratio | max|diff|  rel"
     rows = [line for line in r.stdout.splitlines() if line.count(" | ") == 2 and not line.startswith(" ")]
     names = [row.split(" | ")[0].split()[:2] for row in rows]
-    assert names == [["unet", "forward"], ["unet", "fwd+bwd"], ["vae", "decode"], ["ddim", "2"]], r.stdout
+    assert names == [["unet", "forward"], ["unet", "fwd+bwd"], ["vae", "decode"], ["ddim", "2"], ["train", "step"]], \
+        r.stdout
     for row in rows:
         rel = float(row.split()[-1])
         assert rel < 1e-4, f"ours differs from diffusers (relative max difference {rel:.1e}):\n{row}"
