@@ -541,9 +541,9 @@ def test_sample_with_lora_and_attention_maps(cache, trained, tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "--lora" in r.stderr
 
-@pytest.mark.parametrize("config", ["config/portrait.py", "config/portrait_official.py"])
+@pytest.mark.parametrize("config", ["config/portrait.py", "config/portrait_official.py", "config/portrait_sdxl.py"])
 def test_real_configs_parse(tmp_path, config):
-    """The SD1.5 configs type-check against train.py's settings and stop at the data, naming the folder."""
+    """The SD1.5 and SDXL configs type-check against train.py's settings and stop at the data, naming the folder."""
     r = subprocess.run([sys.executable, "train.py", config, f"--source_dir={tmp_path / 'none'}"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "none is not a folder" in r.stderr, r.stderr[-2000:]
