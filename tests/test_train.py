@@ -488,17 +488,19 @@ def test_diffusers_draws_the_same_image_with_our_outputs(cache, trained, scale):
     assert err < 5e-3, f"max pixel difference {err:.2e}"
     assert (ours - base).abs().max() > 0.05  # the LoRA and tokens really change the image
 
-def test_sdxl_run_and_diffusers_draws_the_same_image(cache):
-    """config/tiny_sdxl.py trains the tokens in both text encoders and LoRA on the UNet and both encoders;
-    diffusers' StableDiffusionXLPipeline, given our LoRA file and each encoder's rows of our embeddings file,
-    draws our sample within 5e-3."""
+def test_sdxl_run_and_diffusers_draws_the_same_image(cache, face_models):
+    """config/tiny_sdxl.py trains the tokens in both text encoders and LoRA on the UNet and both encoders, with
+    eq. 7 and eq. 8; diffusers' StableDiffusionXLPipeline, given our LoRA file and each encoder's rows of our
+    embeddings file, draws our sample within 5e-3."""
     import diffusers
     out = cache / "trained_xl"
     r = train(cache, out, "--phase1_steps=2", "--phase2_steps=3", "--lr_lora=0.05", "--lr_embed1=0.05",
-              "--lora_text_encoder=True", "--lr_lora_text=0.01", config="config/tiny_sdxl.py")
+              "--lora_text_encoder=True", "--lr_lora_text=0.01", "--lambda_id=1.0", *face_args(face_models),
+              config="config/tiny_sdxl.py")
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(out / "embeddings")) == ["v1.safetensors", "v2.safetensors"]
-    assert "attn_outside" in log(out)[-1]  # eq. 8 read SDXL's cross-attention
+    last = log(out)[-1]
+    assert "attn_outside" in last and last["loss_id"] > 0 and last["id_skipped"] == 0, last  # eq. 8 and 7 ran
     path = str(cache / "xdg" / "magicapture" / "tiny-sdxl")
     prompt = "a photo of <v1> person in the <v2> style"
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
