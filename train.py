@@ -32,7 +32,7 @@ import lora
 from configurator import check_choice, check_device, configure
 from losses import (attention_outside, attention_refocus, dino_style_loss, identity_loss, masked_mse,
                     patch_contrastive_loss, self_similarity_loss, total_loss)
-from model import DTYPES, ViT, AttentionRecorder, StableDiffusion, dino_preprocess
+from model import DTYPES, ViT, AttentionRecorder, StableDiffusion, dino_preprocess, to_device
 
 # -----------------------------------------------------------------------------
 # data and model
@@ -478,7 +478,7 @@ if lambda_id > 0:  # the ArcFace eq. 7 backpropagates through, and each source p
 gen = torch.Generator().manual_seed(seed)  # data order, noise and timesteps: one seed, saved in checkpoints
 
 def rand(*shape):
-    return torch.randn(*shape, generator=gen).to(device)
+    return to_device(torch.randn(*shape, generator=gen), device)
 
 def pick(n):
     return int(torch.randint(n, (1,), generator=gen))
@@ -550,7 +550,7 @@ def draw_micro_batch(phase, boost):
         if phase == 2 and lambda_id > 0:
             n = sum(task.source is not None for task in drawn)
             t_id.append(torch.randint(1, min(t_id_max, phase2_t_max), (n,), generator=gen))
-    return tasks, torch.cat(noise), torch.cat(t).to(device), torch.cat(t_id).to(device) if t_id else None
+    return tasks, torch.cat(noise), to_device(torch.cat(t), device), to_device(torch.cat(t_id), device) if t_id else None
 
 def micro_step_losses(phase, boost, drawn=None):
     """The phase's loss for one micro-step (drawn: draw_micro_batch's, else drawn here), eq. 10 over its tasks
@@ -559,7 +559,7 @@ def micro_step_losses(phase, boost, drawn=None):
     z0 = torch.stack([task.latent for task in tasks])
     prompts = [task.prompt for task in tasks]
     record = phase == 2 and lambda_attn > 0
-    rec = AttentionRecorder(sd.tokenizer(prompts).to(device), ids, attn_resolutions if record else ())  # () records nothing
+    rec = AttentionRecorder(to_device(sd.tokenizer(prompts), device), ids, attn_resolutions if record else ())  # () records nothing
     z_t = sd.schedule.add_noise(z0, noise, t)
     with autocast, sd.unet.record_attention(rec):
         context, added = condition(prompts)
@@ -577,21 +577,21 @@ def micro_step_losses(phase, boost, drawn=None):
         if not rec.maps:
             raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at "
                              f"resolution {resolution}; pick sides of the UNet's feature maps")
-        present = torch.tensor([[m is not None for m in task.attn_masks] for task in tasks], device=device)
+        present = to_device(torch.tensor([[m is not None for m in task.attn_masks] for task in tasks]), device)
         absent = torch.zeros_like(src_face[0])  # a placeholder slot the prompt lacks: masked out by `present`
         masks = torch.stack([torch.stack([absent if m is None else m for m in task.attn_masks]) for task in tasks])
         attn = attention_refocus(rec.maps, masks[:, :, 0], present)  # eq. 8, one value per task
         terms["attn"] = attn.mean()
     missed = None
     if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
-        sel = [i for i, task in enumerate(tasks) if task.source is not None]
-        owners = [tasks[i].source for i in sel]
+        sel = to_device(torch.tensor([i for i, task in enumerate(tasks) if task.source is not None]), device)
+        owners = to_device(torch.tensor([task.source for task in tasks if task.source is not None]), device)
         targets = src_ids[owners] if id_target == "own" else src_id.expand(len(sel), -1)
         values, found = identity_term(z0[sel], noise[sel], context[sel], rows_of(added, sel), targets, t_id)
         ident[sel] = values
         missed = (~found).sum()  # read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
-    weight = torch.tensor([task.weight for task in tasks], device=recon.device)
+    weight = to_device(torch.tensor([task.weight for task in tasks]), device)
     return total_loss(recon, attn, ident, weight, lambda_attn, lambda_id), terms, missed  # eq. 10
 
 def object_composed_loss(z_t, eps, t, task, parts):
