@@ -128,7 +128,7 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
 def test_compile_trains_the_same_weights(cache, run, tmp_path, monkeypatch):
     """--compile=True (torch.compile of the UNet, attention recorded inside the compiled graph) ends with the
     same LoRA and embeddings as the eager run. The backend is aot_eager: the graphs torch.compile captures,
-    run without inductor's code generation, which takes minutes on a CPU. About 40 s."""
+    run without inductor's code generation, which takes minutes on a CPU. About 65 s on 2 idle cores."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **dict(kw, backend="aot_eager")))
     torch._dynamo.reset()
