@@ -337,8 +337,7 @@ def draw_images(cfg, run, prompts, prompt_index, seeds):
     sd = model.StableDiffusion.from_pretrained(base, device=device, dtype=model.DTYPES[dtype],
                                                variant=None if base == os.path.join(run, "pipeline") else cfg.get("variant"))
     lora.load_result(sd, run, scale=lora_scale)
-    lora.merge(sd.unet)
-    lora.merge(sd.text_encoder)
+    lora.merge(sd.unet, sd.text_encoder, sd.text_encoder_2)
     try:  # CLIP reads 77 tokens: a placeholder past them would silently drop out of the prompt
         sd.tokenizer.check_length(prompts)
     except ValueError as e:

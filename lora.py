@@ -124,13 +124,15 @@ def set_scale(model, scale):
 
 
 @torch.no_grad()
-def merge(model):
-    """Fold each LoRA update, at its current scale, into its base weight, so inference costs nothing
-    extra. One way: the scale is fixed from then on (sample.py merges once the result is loaded)."""
-    for _, m in lora_modules(model):
-        if not m.merged:
-            m.weight.copy_(m.weight.float() + m.delta())  # summed in float32: one rounding to the base dtype
-            m.merged = True
+def merge(*models):
+    """Fold each LoRA update of the models (None is skipped: SD1.5 has no text_encoder_2), at its current scale,
+    into its base weight, so inference costs nothing extra. One way: the scale is fixed from then on (sample.py
+    merges once the result is loaded)."""
+    for model in models:
+        for _, m in lora_modules(model) if model is not None else ():
+            if not m.merged:
+                m.weight.copy_(m.weight.float() + m.delta())  # summed in float32: one rounding to the base dtype
+                m.merged = True
 
 
 def lora_state_dict(model, prefix):

@@ -95,9 +95,7 @@ if lora:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"--lora={lora}: {e}")
     # the LoRA's scale is now fixed: fold it into the base weights, so sampling needs no extra matmuls
-    for m in (sd.unet, sd.text_encoder, sd.text_encoder_2):
-        if m is not None:
-            merge(m)
+    merge(sd.unet, sd.text_encoder, sd.text_encoder_2)
     print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")
 if attention:
     run_config = os.path.join(lora if os.path.isdir(lora) else os.path.dirname(lora), "config.json")
