@@ -272,13 +272,10 @@ def run_sample(cache, *args):
                           cwd=ROOT, env=env, capture_output=True, text=True)
 
 def test_sample_py_draws_with_sdxl(tmp_path):
-    """sample.py draws with an SDXL pipeline (init_from=tiny-xl); a --lora folder that holds no run stops with a
-    message, not a traceback (test_train.py applies a real SDXL run)."""
+    """sample.py draws with an SDXL pipeline (init_from=tiny-xl); test_train.py applies a real SDXL run with --lora."""
     r = run_sample(tmp_path / "cache", f"--out_dir={tmp_path / 'out'}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "out")) == ["grid.png", "sample.json", "seed0.png"]
-    r = run_sample(tmp_path / "cache", f"--out_dir={tmp_path / 'lora'}", f"--lora={tmp_path}")
-    assert r.returncode != 0 and "learned_embeds" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 # --- slow: the full SDXL UNet -------------------------------------------------
 
