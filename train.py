@@ -624,7 +624,10 @@ def identity_term(z0, noise, context, added, targets, t_id):
         with autocast:
             images = id_decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
     found, landmarks = find_faces(images.detach())
-    emb = arcface(faces.arcface_crop(images, landmarks))  # every sample; those without a face are zeroed below
+    # a sample without a face is cropped at the template's own points (its loss is zeroed below): its zero
+    # landmarks would give a degenerate transform and a NaN crop
+    template = faces.arcface_template(landmarks.device).to(landmarks.dtype)
+    emb = arcface(faces.arcface_crop(images, torch.where(found[:, None, None], landmarks, template)))
     return torch.where(found, identity_loss(emb, targets), 0.0), found
 
 def find_faces(images):

@@ -387,8 +387,12 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     # this stand-in's graph is not torch-runnable, so the host path ran; with none found, eq. 7 is 0 and counted
     assert g["detector"] is None
     monkeypatch.setattr(g["faces"], "detect", lambda *a, **k: [])
+    for p in params:
+        p.grad = None
     total, terms, missed = g["micro_step_losses"](2, 1.0)
     assert terms["id"].item() == 0 and int(missed) == 2
+    total.backward()  # the faceless samples' crops must not reach the weights as NaN
+    assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
     monkeypatch.undo()
     # a detector whose graph runs as torch ops: find_faces on the device equals the host path on the same file
     import numpy as np
