@@ -366,7 +366,8 @@ for table, start in zip(tables, np.cumsum([0] + widths)):
 
 def condition(prompts):
     """What the UNet is conditioned on, with gradient to the learned rows: (context, added_cond); added_cond is
-    SDXL's pooled text and size conditioning (the photos' size, no crop), None for SD1.5."""
+    SDXL's pooled text and size conditioning (the training resolution as original and target size, no crop, as
+    sample() conditions), None for SD1.5."""
     if not sd.is_xl:
         return sd.encode_prompts(prompts), None
     return sd.encode_prompts(prompts, original_size=(resolution, resolution), target_size=(resolution, resolution))
