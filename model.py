@@ -146,6 +146,17 @@ UNSUPPORTED = {
         conv_in_kernel=(3, "a different conv_in"),
         conv_out_kernel=(3, "a different conv_out"),
         attention_type=("default", "gated attention"),
+        dropout=(0.0, "a UNet trained with dropout"),
+        encoder_hid_dim_type=(None, "a UNet with an encoder projection"),
+        num_class_embeds=(None, "a class-conditioned UNet"),
+        class_embeddings_concat=(False, "a class-conditioned UNet"),
+        resnet_skip_time_act=(False, "a different resnet time conditioning"),
+        resnet_out_scale_factor=(1.0, "scaled resnet outputs"),
+        time_embedding_dim=(None, "a different timestep embedding"),
+        time_embedding_act_fn=(None, "a different timestep embedding"),
+        timestep_post_act=(None, "a different timestep embedding"),
+        mid_block_only_cross_attention=(False, "a mid block without self-attention"),
+        cross_attention_norm=(None, "normalised cross-attention context"),
     ),
     "vae": dict(
         act_fn=("silu", "a different activation"),
@@ -153,7 +164,8 @@ UNSUPPORTED = {
         use_quant_conv=(True, "a VAE without quant_conv"),
         use_post_quant_conv=(True, "a VAE without post_quant_conv"),
         mid_block_add_attention=(True, "a VAE without mid-block attention"),
-        latents_mean=(None, "an SDXL-style VAE with latent statistics"),
+        latents_mean=(None, "a VAE with latent statistics"),
+        latents_std=(None, "a VAE with latent statistics"),
     ),
     "text_encoder": dict(),
     "text_encoder_2": dict(),
@@ -162,6 +174,8 @@ UNSUPPORTED = {
     "scheduler": dict(
         prediction_type=("epsilon", "a v-prediction model (e.g. SD 2.x 768)"),
         timestep_spacing=("leading", "another timestep spacing"),
+        trained_betas=(None, "a schedule given as its list of betas"),
+        rescale_betas_zero_snr=(False, "a zero-terminal-SNR schedule"),
     ),
 }
 
@@ -183,7 +197,7 @@ def config_from_dict(cls, d, part):
     for key, (want, meaning) in UNSUPPORTED[part].items():
         got = d.get(key, want)
         got = tuple(got) if isinstance(got, list) else got
-        if key == "upcast_attention" and got is None:  # SDXL's file has null, which diffusers reads as false
+        if want is False and got is None:  # SDXL's file has null for upcast_attention, which diffusers reads as false
             got = False
         if got != want:
             raise ValueError(f"{part}/config.json has {key}={got!r}, which looks like {meaning}. "

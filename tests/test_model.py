@@ -1,7 +1,10 @@
 """model.py against diffusers/transformers on small random configs, plus loading edge cases.
 Run: python -m pytest -q tests/test_model.py"""
+import dataclasses
+import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -329,6 +332,42 @@ def test_unsupported_config_is_named(tiny_dir, tmp_path, part, change, message):
     with pytest.raises(ValueError, match=message) as e:
         load(path)
     assert list(change)[0] in str(e.value)
+
+def other_value(want):
+    """A config value unlike want, of a type a config.json could hold."""
+    if isinstance(want, bool):
+        return not want
+    if isinstance(want, (int, float)):
+        return want + 1
+    return "other" if want is None else want + "_other"
+
+# constructor arguments of the reference classes that config_from_dict checks elsewhere, or that cannot change
+# what these models compute: the block types (a check of their own), the number of heads of the "text"
+# addition embedding (the only addition embedding built is SDXL's "text_time"), and sampler settings of
+# diffusers' own schedulers (model.py's samplers are its own)
+CHECKED_ELSEWHERE = {"down_block_types", "up_block_types", "addition_embed_type_num_heads", "skip_prk_steps",
+                     "clip_sample", "clip_sample_range", "thresholding", "dynamic_thresholding_ratio",
+                     "sample_max_value", "interpolation_type", "use_karras_sigmas", "use_exponential_sigmas",
+                     "use_beta_sigmas", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type"}
+
+@pytest.mark.parametrize("part,classes", [
+    ("unet", ("UNet2DConditionModel",)), ("vae", ("AutoencoderKL",)),
+    ("scheduler", ("PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler")),
+])
+def test_every_reference_setting_is_read_or_refused(part, classes):
+    """Each constructor argument of diffusers' class is a field model.py reads, or one it refuses at any value
+    but SD1.5's and SDXL's, so no config.json setting is silently ignored; and each refusal does refuse."""
+    import diffusers
+    ours = {"unet": model.UNetConfig, "vae": model.VAEConfig, "scheduler": model.ScheduleConfig}[part]
+    read = {f.name for f in dataclasses.fields(ours)}
+    for name in classes:
+        args = set(inspect.signature(getattr(diffusers, name).__init__).parameters) - {"self"}
+        unknown = args - read - set(model.UNSUPPORTED[part]) - CHECKED_ELSEWHERE
+        assert not unknown, f"{name}'s {sorted(unknown)}: neither read nor refused by model.config_from_dict"
+    for key, (want, meaning) in model.UNSUPPORTED[part].items():
+        with pytest.raises(ValueError, match=re.escape(f"{key}={other_value(want)!r}")):
+            model.config_from_dict(ours, {key: other_value(want)}, part)
+    model.config_from_dict(ours, {key: want for key, (want, _) in model.UNSUPPORTED[part].items()}, part)
 
 def test_missing_file_is_named(tiny_dir, tmp_path):
     """A missing weights file or config names the path."""
