@@ -9,9 +9,9 @@ diffusers use.
 
 A training run's outputs (save_result / load_result) are three files in one folder: the learned
 token embeddings, the LoRA in the diffusers/PEFT format, and the same LoRA in the kohya format read
-by AUTOMATIC1111 and ComfyUI. A run that trained no LoRA (phase 2 of 0 steps) has only the first.
-An SDXL run (two text encoders) writes the same three files in SDXL's variants of those formats, plus
-EMBEDS_DIR: one embedding file per token, for AUTOMATIC1111's and ComfyUI's embeddings folders.
+by AUTOMATIC1111 and ComfyUI; beside them EMBEDS_DIR, one embedding file per token, for the embeddings
+folders of AUTOMATIC1111 and ComfyUI. A run that trained no LoRA (phase 2 of 0 steps) has no LoRA
+files. An SDXL run (two text encoders) writes SDXL's variants of the same formats.
 """
 
 import json
@@ -30,7 +30,9 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_
 # (n_tokens, 1280)}, rows in the order of the header's "tokens" (a JSON list), as diffusers' SDXL pivotal-tuning
 # script writes them
 EMBEDS_FILE = "learned_embeds.safetensors"
-EMBEDS_DIR = "embeddings"  # SDXL: <name>.safetensors per token, {"clip_l": (1, 768), "clip_g": (1, 1280)}
+# <name>.safetensors per token: SD1.x {token: (1, 768)}, which diffusers' load_textual_inversion(path) reads
+# with its token, and AUTOMATIC1111 and ComfyUI as a file of one tensor; SDXL {"clip_l": (1, 768), "clip_g": (1, 1280)}
+EMBEDS_DIR = "embeddings"
 KOHYA_FILE = "lora_kohya.safetensors"  # the kohya format, for AUTOMATIC1111 and ComfyUI
 WEIGHTS_FILE = "trained_weights.safetensors"  # weights trained in full (Custom Diffusion's attn2 k/v): {unet.<name>: ...}
 
@@ -270,7 +272,7 @@ def export_kohya(unet, text_encoder, path, metadata=None, text_encoder_2=None):
 
 
 def embedding_file_name(token):
-    """The file, in EMBEDS_DIR, of an SDXL token's embedding: AUTOMATIC1111 and ComfyUI call an embedding by its
+    """The file, in EMBEDS_DIR, of a token's embedding: AUTOMATIC1111 and ComfyUI call an embedding by its
     file name, and Windows allows none of <>:"/\\|?* in one, so "<v1>" is v1.safetensors (called as v1)."""
     name = re.sub(r'[<>:"/\\|?*\s]', "", token)
     if not name:
@@ -286,11 +288,12 @@ def save_result(out_dir, unet, text_encoder, embeds, metadata, weights=None, tex
     None when it has no LoRA; metadata: {str: str}, written into every file's header. Mirrors load_result.
 
     embeds: SD1.x {token: 1-D tensor}. SDXL (is_sdxl(unet)): {token: (vector of text_encoder, vector of
-    text_encoder_2)}; besides EMBEDS_FILE, each token gets EMBEDS_DIR/embedding_file_name(token) with its
-    clip_l and clip_g rows, the SDXL embedding format of AUTOMATIC1111 and ComfyUI. diffusers reads either:
-    e = load_file(...); pipe.load_textual_inversion(e["clip_l"], token=..., text_encoder=pipe.text_encoder,
-    tokenizer=pipe.tokenizer), and e["clip_g"] with pipe.text_encoder_2 and pipe.tokenizer_2 (token: the list
-    in EMBEDS_FILE's "tokens" header entry, or the one token of a file in EMBEDS_DIR).
+    text_encoder_2)}. Besides EMBEDS_FILE, each token gets EMBEDS_DIR/embedding_file_name(token): SD1.x its
+    row under its name, SDXL its clip_l and clip_g rows (the SDXL embedding format of AUTOMATIC1111 and
+    ComfyUI). diffusers reads an SDXL file as e = load_file(...); pipe.load_textual_inversion(e["clip_l"],
+    token=..., text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer), and e["clip_g"] with
+    pipe.text_encoder_2 and pipe.tokenizer_2 (token: the list in EMBEDS_FILE's "tokens" header entry, or the
+    one token of a file in EMBEDS_DIR).
     """
     sdxl = is_sdxl(unet)
     paired = [isinstance(v, (tuple, list)) and len(v) == 2 for v in embeds.values()]
@@ -299,24 +302,25 @@ def save_result(out_dir, unet, text_encoder, embeds, metadata, weights=None, tex
                          "text_encoder_2)}")
     if not sdxl and any(paired):
         raise ValueError("save_result: embeds of two vectors per token are for SDXL, but the UNet is not SDXL's")
+    tokens = list(embeds)
+    files = [embedding_file_name(t) for t in tokens]
+    if len(set(files)) < len(files):
+        raise ValueError(f"tokens {tokens} give the same file names {files}: make them differ in letters or digits")
     os.makedirs(out_dir, exist_ok=True)
-    # an SDXL run's per-token files: rewritten whole, so none of an earlier run's tokens remain
+    # the per-token files: rewritten whole, so none of an earlier run's tokens remain
     shutil.rmtree(os.path.join(out_dir, EMBEDS_DIR), ignore_errors=True)
+    os.makedirs(os.path.join(out_dir, EMBEDS_DIR))
     if sdxl:
-        tokens = list(embeds)
-        files = [embedding_file_name(t) for t in tokens]
-        if len(set(files)) < len(files):
-            raise ValueError(f"tokens {tokens} give the same file names {files}: make them differ in letters or digits")
         rows = {key: torch.stack([embeds[t][i].detach().cpu() for t in tokens])
                 for i, key in enumerate(("clip_l", "clip_g"))}
         save_file(rows, os.path.join(out_dir, EMBEDS_FILE), metadata=dict(metadata, tokens=json.dumps(tokens)))
-        os.makedirs(os.path.join(out_dir, EMBEDS_DIR))
-        for i, file in enumerate(files):
-            save_file({key: r[i:i + 1].clone() for key, r in rows.items()},
-                      os.path.join(out_dir, EMBEDS_DIR, file), metadata=metadata)
+        per_token = [{key: r[i:i + 1].clone() for key, r in rows.items()} for i in range(len(tokens))]
     else:
         save_file({tok: v.detach().cpu().contiguous() for tok, v in embeds.items()},
                   os.path.join(out_dir, EMBEDS_FILE), metadata=metadata)
+        per_token = [{tok: v.detach().cpu()[None].contiguous()} for tok, v in embeds.items()]
+    for file, tensors in zip(files, per_token):
+        save_file(tensors, os.path.join(out_dir, EMBEDS_DIR, file), metadata=metadata)
     if weights:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   os.path.join(out_dir, WEIGHTS_FILE), metadata=metadata)

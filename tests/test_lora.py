@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import lora
 from model import CLIPTextModel, StableDiffusion, TextConfig, tiny_tokenizer
@@ -406,7 +407,11 @@ def test_load_result_round_trip(tmp_path, target):
     """load_result of the folder, or of either file, into a fresh tiny pipeline gives the saved tokens and
     embeddings and the same image as the model that was saved, at the given UNet and text encoder scales."""
     trained, embeds = save_run(tmp_path / "run")
-    assert sorted(os.listdir(tmp_path / "run")) == sorted([lora.EMBEDS_FILE, lora.LORA_FILE, lora.KOHYA_FILE])
+    assert sorted(os.listdir(tmp_path / "run")) == sorted([lora.EMBEDS_DIR, lora.EMBEDS_FILE, lora.LORA_FILE,
+                                                           lora.KOHYA_FILE])
+    for i, token in enumerate(embeds):  # one file per token, named without <>, holding (1, width) under the token
+        per_token = load_file(tmp_path / "run" / lora.EMBEDS_DIR / f"v{i + 1}.safetensors")
+        assert list(per_token) == [token] and torch.equal(per_token[token], embeds[token][None]), token
     sd = StableDiffusion.tiny()
     tokens = lora.load_result(sd, str(tmp_path / "run" / target), scale=0.6, text_scale=0.9)
     assert tokens == ["<v1>", "<v2>"]
@@ -446,7 +451,7 @@ def test_embeddings_only_run(tmp_path):
     sd = StableDiffusion.tiny()
     embeds = {"<v1>": torch.randn(32), "<v2>": torch.randn(32)}
     lora.save_result(str(tmp_path), sd.unet, None, embeds, META)
-    assert os.listdir(tmp_path) == [lora.EMBEDS_FILE]
+    assert sorted(os.listdir(tmp_path)) == [lora.EMBEDS_DIR, lora.EMBEDS_FILE]
     sd = StableDiffusion.tiny()
     assert lora.load_result(sd, str(tmp_path / lora.EMBEDS_FILE), scale=0.6, text_scale=0.9) == ["<v1>", "<v2>"]
     assert not lora.lora_modules(sd.unet) and not lora.lora_modules(sd.text_encoder)
