@@ -1271,6 +1271,20 @@ def save_tower(module, path, meta):
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
               os.path.join(path, "model.safetensors"))
 
+def count_flops():
+    """torch's FLOP counter (matmuls, convolutions and attention, forward and backward; a context manager whose
+    get_total_flops() is the count), with attention on the CPU counted as torch counts its GPU kernels: QK^T and
+    PV forward, and in the backward the four matmuls of the gradients plus QK^T computed again."""
+    from torch.utils import flop_counter
+    for op, formula in ((torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
+                         lambda q, k, v, *args, out_shape=None, **kw: flop_counter.sdpa_flop_count(q, k, v)),
+                        (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                         lambda grad, q, k, v, *args, out_shape=None, **kw:
+                         flop_counter.sdpa_backward_flop_count(grad, q, k, v))):
+        if op not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(op)(formula)
+    return flop_counter.FlopCounterMode(display=False)
+
 def to_device(x, device):
     """A tensor made on the host (token ids, sizes, noise) onto `device`. On a GPU the copy starts from pinned memory
     without blocking: a plain .to() of host memory returns only once every kernel queued before it has finished,
@@ -1503,7 +1517,8 @@ class StableDiffusion(nn.Module):
             context = context * keep[:, None, None]
             added["text_embeds"] = added["text_embeds"] * keep[:, None]
 
-        def guided(x_in, t):
+        def guided(x_in, t):  # t as a tensor: a compiled UNet would compile again for each new Python number
+            t = torch.full((2 * B,), t, device=self.device)
             eps_uncond, eps_text = self.unet(torch.cat([x_in, x_in]), t, context, added).chunk(2)
             return eps_uncond + guidance * (eps_text - eps_uncond)  # classifier-free guidance
 

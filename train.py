@@ -11,6 +11,7 @@ LoRA on the UNet and trains with composed prompts and attention refocusing.
 Paper: Hyung, Shin, Choo, "MagiCapture", AAAI 2024 (equations cited below).
 """
 
+import contextlib
 import copy
 import glob
 import json
@@ -32,7 +33,7 @@ import lora
 from configurator import check_choice, check_device, configure
 from losses import (attention_outside, attention_refocus, dino_style_loss, identity_loss, masked_mse,
                     patch_contrastive_loss, self_similarity_loss, total_loss)
-from model import DTYPES, ViT, AttentionRecorder, StableDiffusion, dino_preprocess, to_device
+from model import DTYPES, ViT, AttentionRecorder, StableDiffusion, count_flops, dino_preprocess, to_device
 
 # -----------------------------------------------------------------------------
 # data and model
@@ -762,6 +763,30 @@ def plot_losses(log_path, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
+# speed in the log: each phase's FLOPs per step, counted (model.count_flops) on the phase's first micro-step, and
+# on a GPU of known peak the model FLOPs utilisation, FLOPs per second over that peak. The peaks: dense bf16/fp16
+# tensor-core TFLOPS (NVIDIA's datasheets, without sparsity), by the first key in the GPU's name ("H100 PCIe"
+# before "H100", the SXM part)
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "A100": 312,
+               "L40S": 362, "L40": 181, "L4": 121}
+peak_tflops = None  # mfu is reported for bf16 and fp16 only: fp32 runs at another peak
+if device.startswith("cuda") and dtype != "fp32":
+    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+
+def micro_step_flops(phase, boost, drawn, trainable):
+    """The FLOPs of a micro-step, forward and backward, counted on a pass of their own (under the counter, torch
+    may round differently, and the run must not depend on where it counted) whose gradients are then dropped;
+    eagerly, since a compiled function first called under the counter would never compile."""
+    with eager(), count_flops() as counter:
+        micro_step_losses(phase, boost, drawn)[0].backward()
+    for p in trainable:
+        p.grad = None
+    return counter.get_total_flops()
+
+def eager():
+    """Where compile is on, run what is inside without compiling."""
+    return torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext()
+
 # Ctrl-C: finish the step under way, write a checkpoint, say how to resume; a second Ctrl-C quits at once
 stop_requested = False
 
@@ -797,6 +822,8 @@ from tqdm import tqdm
 bar = tqdm(total=total_steps, initial=start, unit="step", disable=not master)
 signal.signal(signal.SIGINT, request_stop)
 t0 = time.time()
+t_row, step_row, paused = t0, start, 0.0  # the last log row's time and step; seconds of evaluation and checkpoints since
+micro_flop = {}  # phase -> FLOPs of one micro-step, forward and backward
 for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps)):
     if max(start, first) >= first + steps:
         continue  # a phase of 0 steps, or one finished before the resumed checkpoint
@@ -817,13 +844,15 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             drawn = draw_micro_batch(phase, boost)  # every process draws every micro-step: the draws stay in step
             if micro % world != rank:
                 continue  # another process's share
+            if phase not in micro_flop:
+                micro_flop[phase] = micro_step_flops(phase, boost, drawn, trainable)
             total, terms, skipped = micro_step_losses(phase, boost, drawn)
+            scaler.scale(total / grad_accum).backward()
             for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
                 key = f"loss_{name}" if name else "loss"
                 logged[key] = logged.get(key, 0.0) + v.detach().float() / grad_accum
             if skipped is not None:
                 missed = (missed or 0) + skipped
-            scaler.scale(total / grad_accum).backward()
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
             for p in trainable:
                 dist.all_reduce(p.grad)
@@ -866,16 +895,28 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             if missed is not None:
                 row["id_skipped"] = int(missed)  # samples of this step where the detector found no face (eq. 7 skipped)
             row["seconds"] = round(time.time() - t0, 2)
+            # the steps since the last row, evaluation and checkpoints left out (the loss values read above
+            # waited for the device, so these steps are done)
+            step_seconds = (time.time() - t_row - paused) / (done - step_row)
+            t_row, step_row, paused = time.time(), done, 0.0
+            step_flop = micro_flop[phase] * grad_accum  # all processes' micro-steps
+            row.update(step_seconds=round(step_seconds, 4), gflop=round(step_flop / 1e9, 3))
+            if peak_tflops:
+                row["mfu"] = round(step_flop / step_seconds / (peak_tflops * 1e12), 4)
             if evaluate_now:
                 bar.set_description_str("drawing validation samples")
-                row.update(evaluate(done))
+                with eager():  # compiling the sampler's batch without gradients would cost more than it saves
+                    row.update(evaluate(done))
                 bar.set_description_str("")
+                paused += time.time() - t_row
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}")
+            bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", **({"mfu": f"{row['mfu']:.0%}"} if peak_tflops else {}))
         bar.update()
         if checkpoint_now and master:
+            t = time.time()
             save_checkpoint(done, phase)
+            paused += time.time() - t
         if stop_requested and done < total_steps:
             bar.close()
             if world > 1:

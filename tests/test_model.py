@@ -280,6 +280,24 @@ def test_attention_recorder(tiny_dir):
     assert all(a.recorder is None for n, a in sd.unet.named_modules() if n.endswith("attn2"))
     assert torch.equal(sd.unet(x, t, ctx), before)
 
+def test_count_flops_counts_cpu_attention(tiny_dir):
+    """count_flops on a UNet forward+backward with the CPU's fused attention kernel gives the count of the same
+    pass with attention as explicit matmuls (PyTorch's math backend, which torch's counter always sees), plus
+    the QK^T a fused kernel computes again in its backward, which torch counts for its GPU kernels: 2bhsd of
+    the forward's 4bhsd."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    sd = load(tiny_dir)
+    sd.unet.requires_grad_(True)
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32), torch.tensor([10, 500])
+    counters = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend), model.count_flops() as counter:
+            sd.unet(x, t, ctx).square().mean().backward()
+        counters.append(counter)
+    attention = counters[0].get_flop_counts()["Global"][torch.ops.aten._scaled_dot_product_flash_attention_for_cpu]
+    assert attention > 0
+    assert counters[0].get_total_flops() == counters[1].get_total_flops() + attention // 2
+
 def test_gradient_checkpointing_same_gradients(tiny_dir):
     """Gradient checkpointing changes memory, not the gradients, also while attention is recorded
     (the attention loss's gradient included)."""

@@ -69,6 +69,11 @@ def test_end_to_end_outputs(run):
     rows = log(out)
     assert [(r["step"], r["phase"]) for r in rows] == [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)]
     assert all("loss" in r for r in rows) and "loss_attn" in rows[-1] and "loss_c" in rows[-1]
+    # speed: seconds per step, and the FLOPs of a step, the same each step of a phase; phase 2 adds the composed
+    # sample (3 of 2) and LoRA's own matmuls; no mfu on a CPU (no known peak)
+    assert all(r["step_seconds"] > 0 and "mfu" not in r for r in rows)
+    flop = [r["gflop"] for r in rows]
+    assert flop[0] == flop[1] == flop[2] and flop[3] == flop[4] == flop[5] and flop[3] > 1.5 * flop[0] > 0, flop
     assert set(rows[-1]["attn_outside"]) == set(rows[-1]["attn_mass"]) == {"<v1>", "<v2>"}
     assert json.load(open(out / "config.json"))["init_from"] == "tiny"
     emb = load_file(str(out / "learned_embeds.safetensors"))
@@ -715,13 +720,15 @@ def test_object_mode_trains_the_composed_terms(cache, objects, tmp_path, monkeyp
 def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch):
     """batch_size=4 in one UNet pass and grad_accum=4 micro-steps of one draw each take the same draws and end
     with the same weights, within float tolerance (batched matmuls round differently)."""
-    final = {}
+    final, flop = {}, {}
     for batch, accum in ((4, 1), (1, 4)):
         out = tmp_path / f"b{batch}"
         run_in_process(cache, monkeypatch, out, "--phase1_steps=2", "--phase2_steps=2", f"--batch_size={batch}",
                        f"--grad_accum={accum}")
         final[batch] = {**load_file(str(out / "pytorch_lora_weights.safetensors")),
                         **load_file(str(out / "learned_embeds.safetensors"))}
+        flop[batch] = [r["gflop"] for r in log(out)]
+    assert flop[4] == flop[1], flop  # a step's FLOPs: one micro-step of 4 draws, or four of one
     for k in final[1]:
         err = (final[4][k] - final[1][k]).abs().max().item()
         assert err < 1e-5, f"{k}: max difference {err:.2e}"
@@ -746,3 +753,4 @@ def test_torchrun_two_processes_equal_one(cache, tmp_path, face_models, identity
         err = max((a[k] - b[k]).abs().max().item() for k in a)
         assert err < 1e-5, f"{name}: max difference {err:.2e}"
     assert [r["step"] for r in log(tmp_path / "two")] == [1, 2, 3, 4, 5]  # one log, written by rank 0
+    assert [r["gflop"] for r in log(tmp_path / "two")] == [r["gflop"] for r in log(tmp_path / "one")]  # both ranks' FLOPs
