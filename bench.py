@@ -35,7 +35,7 @@ import lora
 from configurator import configure
 from losses import attention_refocus, identity_loss, masked_mse, total_loss
 from model import (DTYPES, AttentionRecorder, AutoencoderKL, CLIPTextModel, Schedule, ScheduleConfig,
-                   StableDiffusion, TextConfig, UNet, UNetConfig, VAEConfig, tiny_tokenizer)
+                   StableDiffusion, TextConfig, UNet, UNetConfig, VAEConfig, count_flops, tiny_tokenizer)
 
 # -----------------------------------------------------------------------------
 device = "cpu"  # or "cuda"
@@ -308,3 +308,9 @@ for name, (ours_fn, ref_fn) in BENCHES.items():
     rel = max(d / s if s else d for d, s in diffs)
     print(f"{name:16} {t_ours * 1e3:9.1f} {t_ref * 1e3:9.1f} {ratio(t_ours, t_ref):>6} | {mb(m_ours):>8} "
           f"{mb(m_ref):>9} {ratio(m_ours, m_ref):>6} | {err:9.2e} {rel:8.1e}")
+    if name == "train step":  # the rate each side reaches on the step's FLOPs, as train.py counts them (its mfu)
+        with count_flops() as counter:
+            ours_fn()
+        flop = counter.get_total_flops()
+        print(f"{'':16} {flop / 1e9:.1f} GFLOP: ours {flop / t_ours / 1e12:.2f} TFLOP/s, diffusers "
+              f"{flop / t_ref / 1e12:.2f} TFLOP/s")

@@ -2,6 +2,7 @@
 Run: python -m pytest tests/test_bench.py
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -20,3 +21,5 @@ def test_bench_runs_and_matches_diffusers():
     for row in rows:
         rel = float(row.split()[-1])
         assert rel < 1e-4, f"ours differs from diffusers (relative max difference {rel:.1e}):\n{row}"
+    flop = re.search(r"([0-9.]+) GFLOP: ours [0-9.]+ TFLOP/s, diffusers [0-9.]+ TFLOP/s", r.stdout)
+    assert flop and float(flop.group(1)) > 0, r.stdout  # the training step's FLOPs, counted
