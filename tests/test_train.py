@@ -133,12 +133,13 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
 def test_compile_trains_the_same_weights(cache, run, tmp_path, monkeypatch):
     """--compile=True (torch.compile of the UNet, attention recorded inside the compiled graph) ends with the
     same LoRA and embeddings as the eager run. The backend is aot_eager: the graphs torch.compile captures,
-    run without inductor's code generation, which takes minutes on a CPU. About 65 s on 2 idle cores."""
+    run without inductor's code generation, which takes minutes on a CPU. About 17 s on 2 idle cores."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **dict(kw, backend="aot_eager")))
     torch._dynamo.reset()
     run_in_process(cache, monkeypatch, tmp_path / "c", *SHARED, "--compile=True")
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
+    # it compiled, once per kind of call (phase 1, phase 2; here 2 graphs), not per step or per sampling step
+    assert 0 < torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
     for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         a, b = load_file(str(run[0] / name)), load_file(str(tmp_path / "c" / name))
         assert a.keys() == b.keys()
