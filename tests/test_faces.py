@@ -193,9 +193,9 @@ class HostReads(TorchDispatchMode):
     DATA_SIZED = {torch.ops.aten.nonzero, torch.ops.aten.masked_select, torch.ops.aten._linalg_check_errors,
                   torch.ops.aten.unique_consecutive, torch.ops.aten._unique2, torch.ops.aten.is_nonzero}
 
-    def __init__(self):
+    def __init__(self, cpu=False):
         super().__init__()
-        self.reads = []
+        self.reads, self.cpu = [], cpu  # cpu: also the CPU's own reads (a step run on the CPU stands for a GPU's)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -204,7 +204,7 @@ class HostReads(TorchDispatchMode):
         if "device" in kwargs:
             devices.add(torch.device(kwargs["device"]).type)
         op = func.overloadpacket
-        if (op is torch.ops.aten._local_scalar_dense and tensors[0].device.type != "cpu" or op in self.DATA_SIZED
+        if (op is torch.ops.aten._local_scalar_dense and (self.cpu or tensors[0].device.type != "cpu") or op in self.DATA_SIZED
                 or op is torch.ops.aten.index and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:])
                 or op in (torch.ops.aten._to_copy, torch.ops.aten.copy_) and "cpu" in devices and len(devices) > 1):
             self.reads.append(f"{func} on {sorted(devices)}")

@@ -415,6 +415,14 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     found, landmarks = g["find_faces"](images)
     assert host_found[0] and not host_found[1] and torch.equal(found, host_found), (found, host_found)
     assert torch.allclose(landmarks[found], host_landmarks[found], atol=1e-3), (landmarks - host_landmarks).abs().max()
+    # a whole phase-2 micro-step with that detector, eq. 7 and eq. 8, forward and backward, reads nothing back:
+    # no .item(), no data-sized output (on the CPU; on a GPU each would wait for the device)
+    drawn = g["draw_micro_batch"](2, 1.0)  # the draw is host work by design, before the step
+    from test_faces import HostReads
+    with HostReads(cpu=True) as mode:
+        total, terms, missed = g["micro_step_losses"](2, 1.0, drawn)
+        total.backward()
+    assert mode.reads == [], mode.reads
 
 def test_official_decode_clamps_the_image(cache, tmp_path, face_models, monkeypatch):
     """id_decode_fp32 (official) hands the detector and ArcFace x0_hat clamped to the image range; without it
