@@ -763,7 +763,7 @@ def plot_losses(log_path, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
-# speed in the log: each phase's FLOPs per step, counted (model.count_flops) on the phase's first micro-step, and
+# speed in the log: each phase's FLOPs per step, counted (model.count_flops) on its first micro-step's draw, and
 # on a GPU of known peak the model FLOPs utilisation, FLOPs per second over that peak. The peaks: dense bf16/fp16
 # tensor-core TFLOPS (NVIDIA's datasheets, without sparsity), by the first key in the GPU's name ("H100 PCIe"
 # before "H100", the SXM part)
@@ -822,7 +822,7 @@ from tqdm import tqdm
 bar = tqdm(total=total_steps, initial=start, unit="step", disable=not master)
 signal.signal(signal.SIGINT, request_stop)
 t0 = time.time()
-t_row, step_row, paused = t0, start, 0.0  # the last log row's time and step; seconds of evaluation and checkpoints since
+t_row, step_row, paused = t0, start, 0.0  # the last log row's time and step; validation and checkpoint seconds since
 micro_flop = {}  # phase -> FLOPs of one micro-step, forward and backward
 for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps)):
     if max(start, first) >= first + steps:
@@ -911,7 +911,8 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 paused += time.time() - t_row
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", **({"mfu": f"{row['mfu']:.0%}"} if peak_tflops else {}))
+            mfu = {"mfu": f"{row['mfu']:.0%}"} if peak_tflops else {}
+            bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", **mfu)
         bar.update()
         if checkpoint_now and master:
             t = time.time()
