@@ -174,6 +174,8 @@ if world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # Ctrl-C is agreed on after every step in host memory (gloo): a flag on the GPU would make the host wait for it
+    host_group = dist.new_group(backend="gloo") if device.startswith("cuda") else None
 total_steps = phase1_steps + phase2_steps
 
 # -----------------------------------------------------------------------------
@@ -869,8 +871,8 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         # log, evaluate, checkpoint: the host reads the terms only on these steps (no sync in between)
         done = step + 1
         if world > 1:  # Ctrl-C reaches the processes at different moments: stop when any of them was asked to
-            flag = torch.tensor([float(stop_requested)], device=device)
-            dist.all_reduce(flag)
+            flag = torch.tensor([float(stop_requested)])
+            dist.all_reduce(flag, group=host_group)
             stop_requested = flag.item() > 0
         last = done == first + steps
         evaluate_now = done % eval_interval == 0 or last
