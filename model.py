@@ -902,6 +902,16 @@ class UNet(nn.Module):
         recording = rec is not None and rec.wants(args[0].shape[-2:])
         return checkpointed(self.gradient_checkpointing and not recording, module, *args)
 
+    def cross_attention_sides(self, side):
+        """The sides of the cross-attention maps for square latents of this side, largest first (what an
+        AttentionRecorder's resolutions pick from): each level halves the side, rounding up; the up path mirrors
+        the down path; the mid block sits at the last level."""
+        levels = [side]
+        for _ in self.config.down_block_types[1:]:
+            levels.append(-(-levels[-1] // 2))
+        kinds = zip(levels + levels[::-1], self.config.down_block_types + self.config.up_block_types)
+        return sorted({s for s, kind in kinds if kind.startswith("CrossAttn")} | {levels[-1]}, reverse=True)
+
     def forward(self, x, t, context, added_cond=None):
         """x: (B, 4, h, w) noisy latents, t: timesteps (B,) or scalar, context: (B, 77, D) -> predicted noise.
         added_cond (SDXL's UNet only; diffusers' added_cond_kwargs): dict(text_embeds=(B, 1280) pooled text,

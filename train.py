@@ -326,6 +326,10 @@ print(f"{len(sources)} source and {len(references)} reference photos; masks draw
 sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
 if sd.is_xl and dtype == "fp16":
     raise SystemExit("SDXL's VAE overflows in fp16 (its config says force_upcast): train with dtype=bf16 or fp32")
+attn_sides = sd.unet.cross_attention_sides(resolution // 8)  # eq. 8 and validation read those in attn_resolutions
+if attn_resolutions and not set(attn_resolutions) & set(attn_sides):
+    raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at resolution "
+                     f"{resolution}: its maps are {attn_sides} on a side (pick from those)")
 sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
 if compile:  # in place, so parameter names and checkpoints are unchanged; LoRA added later recompiles once
     sd.unet.compile()
@@ -578,9 +582,6 @@ def micro_step_losses(phase, boost, drawn=None):
              for name in dict.fromkeys(task.name for task in tasks)}  # each kind of task's mean over the batch
     terms.update({k: torch.stack([p[k] for p in parts]).mean() for k in (parts[0] if parts else {})})
     if record:
-        if not rec.maps:
-            raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at "
-                             f"resolution {resolution}; pick sides of the UNet's feature maps")
         present = to_device(torch.tensor([[m is not None for m in task.attn_masks] for task in tasks]), device)
         absent = torch.zeros_like(src_face[0])  # a placeholder slot the prompt lacks: masked out by `present`
         masks = torch.stack([torch.stack([absent if m is None else m for m in task.attn_masks]) for task in tasks])

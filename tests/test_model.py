@@ -298,6 +298,23 @@ def test_count_flops_counts_cpu_attention(tiny_dir):
     assert attention > 0
     assert counters[0].get_total_flops() == counters[1].get_total_flops() + attention // 2
 
+def test_cross_attention_sides_are_the_recorded_ones():
+    """UNet.cross_attention_sides gives the sides at which a recorder asking for every side records, for the SD1.5
+    and SDXL layouts (SDXL: no attention at the top level), at even and odd latent sides."""
+    for sd in (model.StableDiffusion.tiny(), model.StableDiffusion.tiny_xl()):
+        for side in (8, 9):
+            ids = torch.zeros(1, 77, dtype=torch.long)
+            rec = model.AttentionRecorder(ids, [0], range(1, side + 1))
+            context = torch.randn(1, 77, sd.unet.config.cross_attention_dim)
+            added = None
+            if sd.is_xl:
+                added = dict(text_embeds=torch.randn(1, sd.text_encoder_2.config.projection_dim),
+                             time_ids=torch.tensor([[64.0, 64, 0, 0, 64, 64]]))
+            with torch.no_grad(), sd.unet.record_attention(rec):
+                sd.unet(torch.randn(1, 4, side, side), torch.tensor([10]), context, added)
+            recorded = sorted({m.shape[2] for m in rec.maps}, reverse=True)
+            assert recorded == sd.unet.cross_attention_sides(side), (sd.is_xl, side, recorded)
+
 def test_gradient_checkpointing_same_gradients(tiny_dir):
     """Gradient checkpointing changes memory, not the gradients, also while attention is recorded
     (the attention loss's gradient included)."""
