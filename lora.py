@@ -100,21 +100,24 @@ def inject(model, patterns, rank=4, alpha=None, generator=None):
     from `generator` (a CPU torch.Generator), or from the global RNG when it is None.
     """
     alpha = rank if alpha is None else alpha
+    names = targets(model, patterns)
     lora_names = {n for n, _ in lora_modules(model)}
-    names = []
-    for name, m in model.named_modules():
-        if not isinstance(m, nn.Linear) or not any(re.fullmatch(p, name) for p in patterns):
-            continue
+    for name in names:
         if name in lora_names:
             raise ValueError(f"{name} already has LoRA")
-        if name.rpartition(".")[0] in lora_names:
-            continue  # lora_A / lora_B of an existing LoRALinear are not targets
-        names.append(name)
     if not names:
         raise ValueError(f"no nn.Linear in {type(model).__name__} matches any of {list(patterns)}")
     for name in names:  # replace after the walk: named_modules must not see a changing tree
         model.set_submodule(name, LoRALinear(model.get_submodule(name), rank, alpha, generator))
     return names
+
+
+def targets(model, patterns):
+    """The names of the nn.Linear layers whose full name re.fullmatch-es one of the patterns; the lora_A and
+    lora_B inside a LoRALinear are not targets."""
+    lora_names = {n for n, _ in lora_modules(model)}
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and any(re.fullmatch(p, name) for p in patterns) and name.rpartition(".")[0] not in lora_names]
 
 
 def set_scale(model, scale):

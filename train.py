@@ -326,6 +326,9 @@ print(f"{len(sources)} source and {len(references)} reference photos; masks draw
 sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
 if sd.is_xl and dtype == "fp16":
     raise SystemExit("SDXL's VAE overflows in fp16 (its config says force_upcast): train with dtype=bf16 or fp32")
+if phase2_steps and lora_targets and not lora.targets(sd.unet, lora_targets):  # checked now, not after phase 1
+    raise SystemExit(f"lora_targets={lora_targets} matches no nn.Linear of the UNet; the names look like "
+                     "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")
 attn_sides = sd.unet.cross_attention_sides(resolution // 8)  # eq. 8 and validation read those in attn_resolutions
 if attn_resolutions and not set(attn_resolutions) & set(attn_sides):
     raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at resolution "

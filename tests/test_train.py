@@ -470,6 +470,9 @@ def test_bad_settings(cache, tmp_path):
     r = train(cache, tmp_path / "x", "--attn_resolutions=(3,)")  # found before phase 1, not at phase 2's start
     assert r.returncode != 0 and "matches no cross-attention layer" in r.stderr and "[8, 4, 2, 1]" in r.stderr
     assert not (tmp_path / "x" / "checkpoints").exists() and not (tmp_path / "x" / "log.jsonl").exists()
+    r = train(cache, tmp_path / "y", "--lora_targets=('.*attn9.*',)")  # also before phase 1
+    assert r.returncode != 0 and "matches no nn.Linear of the UNet" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "y" / "checkpoints").exists()
     r = train(cache, tmp_path / "x", "--dtype=fp8")
     assert r.returncode != 0 and "dtype must be one of" in r.stderr and "Traceback" not in r.stderr
     if not torch.cuda.is_available():
