@@ -732,12 +732,13 @@ def trained_tensors():
                     for k, v in m.state_dict().items() if ".lora_" in k}
     return dict(lora_weights, **{k: p.data for k, p in full_params.items()})
 
-def save_checkpoint(step, phase):
-    """Atomic: write to a temporary file, then rename; keep the last keep_checkpoints."""
+def save_checkpoint(step, phase, gen_state=None):
+    """Atomic: write to a temporary file, then rename; keep the last keep_checkpoints. gen_state: the generator's
+    state to resume from, if not its current one."""
     os.makedirs(ckpt_dir, exist_ok=True)
     state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), trained=trained_tensors(),
                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                 gen=gen.get_state(), config=config)
+                 gen=gen.get_state() if gen_state is None else gen_state, config=config)
     path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
     try:
         torch.save(state, path + ".tmp")
@@ -846,19 +847,27 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         boost = style_boost if step - first < steps / 2 else 1.0
         # draw grad_accum micro-batches, backpropagate each, then one optimiser step; the terms stay on the device
         logged, missed = {}, None
-        for micro in range(grad_accum):
-            drawn = draw_micro_batch(phase, boost)  # every process draws every micro-step: the draws stay in step
-            if micro % world != rank:
-                continue  # another process's share
-            if phase not in micro_flop:
-                micro_flop[phase] = micro_step_flops(phase, boost, drawn, trainable)
-            total, terms, skipped = micro_step_losses(phase, boost, drawn)
-            scaler.scale(total / grad_accum).backward()
-            for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
-                key = f"loss_{name}" if name else "loss"
-                logged[key] = logged.get(key, 0.0) + v.detach().float() / grad_accum
-            if skipped is not None:
-                missed = (missed or 0) + skipped
+        gen_before = gen.get_state()  # where this step's draws start, for a checkpoint if its passes fail
+        try:
+            for micro in range(grad_accum):
+                drawn = draw_micro_batch(phase, boost)  # every process draws every micro-step: they stay in step
+                if micro % world != rank:
+                    continue  # another process's share
+                if phase not in micro_flop:
+                    micro_flop[phase] = micro_step_flops(phase, boost, drawn, trainable)
+                total, terms, skipped = micro_step_losses(phase, boost, drawn)
+                scaler.scale(total / grad_accum).backward()
+                for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
+                    key = f"loss_{name}" if name else "loss"
+                    logged[key] = logged.get(key, 0.0) + v.detach().float() / grad_accum
+                if skipped is not None:
+                    missed = (missed or 0) + skipped
+        except Exception:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
+            if master and step > first and not os.path.exists(os.path.join(ckpt_dir, f"step{step:06d}.pt")):
+                save_checkpoint(step, phase, gen_before)
+                print(f"\nstep {step + 1} failed; the {step} steps before it are in {checkpoints()[-1]}: fix the "
+                      "cause below and run again with --resume", file=sys.stderr, flush=True)
+            raise
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
             for p in trainable:
                 dist.all_reduce(p.grad)

@@ -106,10 +106,17 @@ def test_attention_refocusing_lowers_outside_attention(cache, tmp_path):
         start, with_ar, without = result[2.5][0][tok], result[2.5][1][tok], result[0.0][1][tok]
         assert with_ar < start / 2 and with_ar < without - 0.1, (tok, start, with_ar, without)
 
-@pytest.mark.parametrize("resume_at", [2, 3, 4])
+def assert_same_result(a_dir, b_dir):
+    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
+        a, b = load_file(str(a_dir / name)), load_file(str(b_dir / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}:{k} max diff {(a[k] - b[k]).abs().max()}"
+
+@pytest.mark.parametrize("resume_at", [2, 3])
 def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
-    """Stopped after step 2 (phase 1), 3 (the phase boundary) or 4 (phase 2) and resumed, a run ends with
-    bit-identical LoRA and embeddings, and its log has each step once."""
+    """Stopped after step 2 (phase 1) or 3 (the phase boundary) and resumed, a run ends with bit-identical LoRA
+    and embeddings, and its log has each step once (in phase 2: the next test)."""
     full = run[0]
     part = tmp_path / "part"
     shutil.copytree(full, part)
@@ -121,13 +128,34 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
     r = train(cache, part, *SHARED, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {resume_at}" in r.stdout
-    for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
-        a, b = load_file(str(full / name)), load_file(str(part / name))
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), f"{name}:{k} max diff {(a[k] - b[k]).abs().max()}"
+    assert_same_result(full, part)
     assert [r["step"] for r in log(part)] == [1, 2, 3, 4, 5, 6]
     assert len(os.listdir(part / "checkpoints")) == len(os.listdir(full / "checkpoints"))
+
+def test_a_failed_step_keeps_the_steps_before_it(cache, run, tmp_path, monkeypatch, capsys):
+    """An error in a step's passes (here in step 6; on a GPU, out of memory, say) writes a checkpoint of the 5
+    steps before it, with the generator where step 6's draws start, and the error still shows; --resume then
+    ends bit-identical to the run that never failed."""
+    import losses
+    calls, real = [], losses.total_loss
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # phase 1: the FLOP count pass, steps 1-3; phase 2: the count pass, steps 4, 5, 6
+            raise RuntimeError("CUDA out of memory (a stand-in)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "total_loss", failing)
+    out = tmp_path / "failed"
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        run_in_process(cache, monkeypatch, out, *SHARED)
+    assert "step 6 failed; the 5 steps before it are in" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "checkpoints")) == [f"step00000{i}.pt" for i in (2, 3, 4, 5)]  # 2, 3, 4: the usual
+    monkeypatch.setattr(losses, "total_loss", real)
+    r = train(cache, out, *SHARED, "--resume")
+    assert r.returncode == 0 and "at step 5" in r.stdout, r.stderr[-3000:]
+    assert_same_result(run[0], out)
+    assert [r["step"] for r in log(out)] == [1, 2, 3, 4, 5, 6]
 
 @pytest.mark.slow
 def test_compile_trains_the_same_weights(cache, run, tmp_path, monkeypatch):
