@@ -753,6 +753,13 @@ def save_checkpoint(step, phase, gen_state=None):
     for old in checkpoints()[:-keep_checkpoints]:
         os.remove(old)
 
+def keep_done(step, phase, what, gen_state=None):
+    """After `what` failed: checkpoint the `step` steps done (unless that checkpoint is there) and say so."""
+    if not os.path.exists(os.path.join(ckpt_dir, f"step{step:06d}.pt")):
+        save_checkpoint(step, phase, gen_state)
+    print(f"\n{what} failed; the {step} steps done are in {checkpoints()[-1]}: fix the cause below and run again "
+          "with --resume", file=sys.stderr, flush=True)
+
 def plot_losses(log_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
@@ -863,10 +870,8 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 if skipped is not None:
                     missed = (missed or 0) + skipped
         except Exception:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
-            if master and step > first and not os.path.exists(os.path.join(ckpt_dir, f"step{step:06d}.pt")):
-                save_checkpoint(step, phase, gen_before)
-                print(f"\nstep {step + 1} failed; the {step} steps before it are in {checkpoints()[-1]}: fix the "
-                      "cause below and run again with --resume", file=sys.stderr, flush=True)
+            if master and step > first:
+                keep_done(step, phase, f"step {step + 1}", gen_before)
             raise
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
             for p in trainable:
@@ -920,8 +925,14 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 row["mfu"] = round(step_flop / step_seconds / (peak_tflops * 1e12), 4)
             if evaluate_now:
                 bar.set_description_str("drawing validation samples")
-                with eager():  # compiling the sampler's batch without gradients would cost more than it saves
-                    row.update(evaluate(done))
+                try:
+                    with eager():  # compiling the sampler's batch without gradients would cost more than it saves
+                        row.update(evaluate(done))
+                except Exception:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    keep_done(done, phase, f"validation at step {done}")
+                    raise
                 bar.set_description_str("")
                 paused += time.time() - t_row
             with open(log_path, "a") as f:

@@ -5,6 +5,7 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -132,28 +133,39 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
     assert [r["step"] for r in log(part)] == [1, 2, 3, 4, 5, 6]
     assert len(os.listdir(part / "checkpoints")) == len(os.listdir(full / "checkpoints"))
 
-def test_a_failed_step_keeps_the_steps_before_it(cache, run, tmp_path, monkeypatch, capsys):
-    """An error in a step's passes (here in step 6; on a GPU, out of memory, say) writes a checkpoint of the 5
-    steps before it, with the generator where step 6's draws start, and the error still shows; --resume then
-    ends bit-identical to the run that never failed."""
-    import losses
-    calls, real = [], losses.total_loss
+def fail_on_call(n):
+    """A function that raises on its n-th call (a stand-in for running out of GPU memory)."""
+    calls = []
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 8:  # phase 1: the FLOP count pass, steps 1-3; phase 2: the count pass, steps 4, 5, 6
+        if len(calls) == n:
             raise RuntimeError("CUDA out of memory (a stand-in)")
-        return real(*args, **kwargs)
+    return failing
 
-    monkeypatch.setattr(losses, "total_loss", failing)
+@pytest.mark.parametrize("fails,done", [("step", 5), ("validation", 3)])
+def test_a_failure_keeps_the_steps_done(cache, run, tmp_path, monkeypatch, capsys, fails, done):
+    """An error in a step's passes (here in step 6) or in a validation (at step 3, the end of phase 1) writes a
+    checkpoint of the steps done (the generator rewound to where step 6's draws start), and the error still
+    shows; --resume then ends bit-identical to the run that never failed."""
+    import data
+    import losses
+    if fails == "step":  # calls: phase 1's FLOP count pass and steps 1-3, phase 2's count pass and steps 4, 5, 6
+        real, failing = losses.total_loss, fail_on_call(8)
+        monkeypatch.setattr(losses, "total_loss", lambda *a, **k: failing(*a, **k) or real(*a, **k))
+    else:
+        real, failing = data.save_labeled_grid, fail_on_call(1)
+        monkeypatch.setattr(data, "save_labeled_grid", lambda *a, **k: failing(*a, **k) or real(*a, **k))
     out = tmp_path / "failed"
     with pytest.raises(RuntimeError, match="a stand-in"):
         run_in_process(cache, monkeypatch, out, *SHARED)
-    assert "step 6 failed; the 5 steps before it are in" in capsys.readouterr().err
-    assert sorted(os.listdir(out / "checkpoints")) == [f"step00000{i}.pt" for i in (2, 3, 4, 5)]  # 2, 3, 4: the usual
-    monkeypatch.setattr(losses, "total_loss", real)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the failed run left its Ctrl-C handler in place
+    what = "step 6" if fails == "step" else "validation at step 3"
+    assert f"{what} failed; the {done} steps done are in" in capsys.readouterr().err
+    assert f"step00000{done}.pt" in os.listdir(out / "checkpoints")  # step 5's is not one of the usual (2, 3, 4, 6)
+    monkeypatch.undo()
     r = train(cache, out, *SHARED, "--resume")
-    assert r.returncode == 0 and "at step 5" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and f"at step {done}" in r.stdout, r.stderr[-3000:]
     assert_same_result(run[0], out)
     assert [r["step"] for r in log(out)] == [1, 2, 3, 4, 5, 6]
 
