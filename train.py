@@ -778,14 +778,19 @@ def plot_losses(log_path, png_path):
     plt.close(fig)
 
 # speed in the log: each phase's FLOPs per step, counted (model.count_flops) on its first micro-step's draw, and
-# on a GPU of known peak the model FLOPs utilisation, FLOPs per second over that peak. The peaks: dense bf16/fp16
-# tensor-core TFLOPS (NVIDIA's datasheets, without sparsity), by the first key in the GPU's name ("H100 PCIe"
-# before "H100", the SXM part)
-PEAK_TFLOPS = {"H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200 NVL": 835, "H200": 989, "A100": 312,
-               "L40S": 362, "L40": 181, "L4": 121}
+# on a GPU of known peak the model FLOPs utilisation, FLOPs per second over that peak. The peaks: dense bf16
+# tensor-core TFLOPS with fp32 accumulation, as PyTorch runs them (NVIDIA's datasheets and architecture
+# whitepapers, without sparsity), by the first pattern found in the name torch reports ("NVIDIA H100 PCIe",
+# "NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090"); a card not listed (an RTX 4090 D, say) gets no mfu
+PEAK_TFLOPS = {r"H100 PCIe": 756, r"H100 NVL": 835, r"H100\b": 989, r"H200 NVL": 835, r"H200\b": 989,
+               r"A100\b": 312, r"L40S\b": 362, r"L40\b": 181, r"L4\b": 121, r"RTX 4090$": 165, r"RTX 3090$": 71}
+
+def peak_tflops_of(name):
+    return next((v for pattern, v in PEAK_TFLOPS.items() if re.search(pattern, name)), None)
+
 peak_tflops = None  # mfu is reported for bf16 and fp16 only: fp32 runs at another peak
 if device.startswith("cuda") and dtype != "fp32":
-    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    peak_tflops = peak_tflops_of(torch.cuda.get_device_name(device))
 
 def micro_step_flops(phase, boost, drawn, trainable):
     """The FLOPs of a micro-step, forward and backward, counted on a pass of their own (under the counter, torch
