@@ -1257,6 +1257,18 @@ def tower_folder(cls, name_or_dir, repo, tiny_name, weight_names):
         return tower_hub_download(name_or_dir, weight_names)
     raise FileNotFoundError(f"{name_or_dir!r} is neither a folder nor a Hub repo id (owner/name, e.g. {repo}) nor 'tiny'")
 
+@contextmanager
+def on_meta():
+    """Build modules on the meta device: no memory, no random init, for weights a file then replaces.
+    nn.Embedding's init is skipped outright: normal_ on a meta tensor imports torch's compiler, a second."""
+    reset = nn.Embedding.reset_parameters
+    nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        nn.Embedding.reset_parameters = reset
+
 def load_tower(cls, config_cls, part, folder, weight_names, device, dtype):
     """Build cls from folder/config.json on the meta device (no random init) and load the first of weight_names
     there strictly; a .bin is read with torch.load(weights_only=True): tensors and plain containers, never code."""
@@ -1266,7 +1278,7 @@ def load_tower(cls, config_cls, part, folder, weight_names, device, dtype):
         missing = " or ".join(weight_names) if os.path.exists(config_file) else "config.json"
         raise FileNotFoundError(f"{folder} has no {missing}: a {cls.__name__} folder holds config.json and "
                                 f"{' or '.join(weight_names)}")
-    with torch.device("meta"):
+    with on_meta():
         m = cls(config_from_dict(config_cls, read_json(config_file), part))
     sd = load_file(weights[0]) if weights[0].endswith(".safetensors") else \
         torch.load(weights[0], map_location="cpu", weights_only=True)
@@ -1358,7 +1370,7 @@ class StableDiffusion(nn.Module):
         configs = {p: read_json(os.path.join(path, p, PARTS[p][0])) for p in names}
         sched = read_json(os.path.join(path, "scheduler", "scheduler_config.json"))
         # build on the meta device (no random init of billions of parameters), then take the file's tensors
-        with torch.device("meta"):
+        with on_meta():
             parts = {p: PARTS[p][2](config_from_dict(PARTS[p][3], configs[p], p)) for p in names}
         xl = "text_encoder_2" in parts
         if (parts["unet"].config.addition_embed_type == "text_time") != xl:
