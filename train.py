@@ -875,7 +875,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 if skipped is not None:
                     missed = (missed or 0) + skipped
         except Exception:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
-            if master and step > first:
+            if master and step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
                 keep_done(step, phase, f"step {step + 1}", gen_before)
             raise
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
