@@ -12,7 +12,8 @@ samples at a smaller t, Tweedie's x0, VAE decode with gradient, the aligned face
 landmarks and a small frozen random conv net in ArcFace's place (shared by both sides); summed as
 eq. 10, then backward into the LoRA only. Ours: lora.inject + UNet.record_attention; diffusers:
 peft's LoRA (our A and B copied in) and an attention processor that keeps the probabilities. Its
-max|diff| covers the loss and every LoRA gradient.
+max|diff| covers the loss and every LoRA gradient. Under the table: the step's FLOPs, counted as
+train.py counts them for its log (model.count_flops), and the rate each side reaches.
 
     python bench.py                                                  # CPU fp32 small: 1-2 min on 2 idle cores
     python bench.py --device=cuda --dtype=bf16 --size=sd15 --resolution=512
