@@ -422,9 +422,22 @@ def score_references(run, cfg, clip, models):
     return target, references, no_face
 
 
-def evaluate_run(run, cfg, clip, predictor, models):
+def run_names(runs):
+    """Each run's name in the table: its folder's name, with as many parent folders as it takes to tell the runs
+    apart (study.py's runs, <config>/<pair>, all end in the pair's name)."""
+    parts = [os.path.normpath(run).split(os.sep) for run in runs]
+    names = []
+    for p in parts:
+        k = 1
+        while k < len(p) and sum(q[-k:] == p[-k:] for q in parts) > 1:
+            k += 1
+        names.append("/".join(p[-k:]))
+    return names
+
+
+def evaluate_run(run, method, cfg, clip, predictor, models):
     """Draw (or reuse) the run's images, score them, write eval.json and the contact sheets; returns the
-    table rows [(method, summary)]: the run's folder name, and with postprocess the same + postprocessing."""
+    table rows [(method, summary)]: the run's, and with postprocess method + postprocessing."""
     folder = os.path.join(run, "eval")
     os.makedirs(folder, exist_ok=True)
     prompts = eval_prompts(cfg, descriptions)
@@ -433,7 +446,6 @@ def evaluate_run(run, cfg, clip, predictor, models):
     files, images = run_images(run, cfg, folder, prompts, prompt_index, seeds, models)
     target, references, no_face = score_references(run, cfg, clip, models)
     result = dict(run=run, prompts=prompts, settings=config, references_without_face=no_face)
-    method = os.path.basename(os.path.normpath(run))
     rows = []
     for kind in files:
         records = score_images(images[kind], target, references, clip, predictor, models)
@@ -479,7 +491,8 @@ if __name__ == "__main__":
         raise SystemExit(f"the aesthetic predictor reads {width}-wide CLIP embeddings, but clip_model={clip_model} "
                          f"makes {clip.config.projection_dim}-wide ones: LAION's predictor needs CLIP ViT-L/14 "
                          "(openai/clip-vit-large-patch14)")
-    rows = [row for run in run_dirs for row in evaluate_run(run, run_configs[run], clip, predictor, models)]
+    rows = [row for run, name in zip(run_dirs, run_names(run_dirs))
+            for row in evaluate_run(run, name, run_configs[run], clip, predictor, models)]
     table = markdown_table(rows)
     print("\n" + table)
     with open(table_file, "w") as f:

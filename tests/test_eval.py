@@ -251,3 +251,10 @@ def test_eval_config_parses():
     r = subprocess.run([sys.executable, "eval.py", "config/eval.py", "--help"], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 0 and "postprocess = True" in r.stdout, r.stderr[-2000:]
+
+
+def test_run_names_tell_runs_apart():
+    """The table names each run by its folder, with parent folders where runs share a name (study.py's
+    <config>/<pair> runs)."""
+    runs = ["out/study/portrait/drawn", "out/study/baseline_ti/drawn/", "out/a/x/me", "out/b/x/me", "out/solo"]
+    assert ev.run_names(runs) == ["portrait/drawn", "baseline_ti/drawn", "a/x/me", "b/x/me", "solo"]
