@@ -1,11 +1,35 @@
 """Shared fixtures: small random reference models from diffusers/transformers saved in the Hub's layout."""
+import contextlib
+import io
 import json
 import os
+import runpy
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def run_script(script, *args, cache):
+    """python <script> <args> from the repository root with XDG_CACHE_HOME=cache, in this process (a new one
+    spends seconds importing torch), as the shell would run it: -> (returncode, stdout, stderr); a SystemExit's
+    message goes to stderr, as Python prints it."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setenv("XDG_CACHE_HOME", str(cache))
+        mp.chdir(ROOT)
+        mp.setattr(sys, "argv", [script, *args])
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 def rel_err(a, b):
     """max |a - b| / max |b|: the parity measure the tests report."""

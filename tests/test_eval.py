@@ -4,8 +4,6 @@ Run: python -m pytest -q tests/test_eval.py"""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,10 +18,9 @@ import eval as ev
 import faces
 import lora
 import standins
-from conftest import hub_cache
+from conftest import hub_cache, run_script
 from model import CLIPVisionModel, StableDiffusion
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # in the detector's 640x640 letterbox: a 256 px photo's face at x 80-160, y 72-172; a 64 px image's at 20-40, 18-43
 FACE = dict(box=(200, 180, 400, 430), score=0.9,
             landmarks=[(250, 270), (350, 270), (300, 320), (260, 370), (340, 370)])
@@ -175,12 +172,10 @@ def make_run(env, name, seed):
 
 def run_eval(env, *args):
     m = env["models"]
-    cmd = [sys.executable, "eval.py", "--num_images=2", "--steps=2", "--batch_size=2", "--clip_model=tiny",
-           "--descriptions=('smiling',)", "--device=cpu", "--dtype=fp32", f"--aesthetic_model={env['mlp']}",
-           f"--detector_model={m['detector']}", f"--recognizer_model={m['recognizer']}",
-           f"--parser_model={m['parser']}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, XDG_CACHE_HOME=str(env["root"] / "xdg")),
-                          capture_output=True, text=True)
+    return run_script("eval.py", "--num_images=2", "--steps=2", "--batch_size=2", "--clip_model=tiny",
+                      "--descriptions=('smiling',)", "--device=cpu", "--dtype=fp32", f"--aesthetic_model={env['mlp']}",
+                      f"--detector_model={m['detector']}", f"--recognizer_model={m['recognizer']}",
+                      f"--parser_model={m['parser']}", *args, cache=env["root"] / "xdg")
 
 
 def test_eval_end_to_end(env, tmp_path):
@@ -246,10 +241,9 @@ def test_bad_runs_are_named(env, tmp_path):
         r.stderr[-2000:]
 
 
-def test_eval_config_parses():
+def test_eval_config_parses(tmp_path):
     """config/eval.py type-checks against eval.py's settings."""
-    r = subprocess.run([sys.executable, "eval.py", "config/eval.py", "--help"], cwd=ROOT, capture_output=True,
-                       text=True)
+    r = run_script("eval.py", "config/eval.py", "--help", cache=tmp_path)
     assert r.returncode == 0 and "postprocess = True" in r.stdout, r.stderr[-2000:]
 
 

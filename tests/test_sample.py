@@ -1,13 +1,8 @@
 """sample.py end to end on the tiny pipeline: PNGs per seed, a grid, reproducible by seed; training results
 given as a folder or either file; settings and prompts checked before sampling.
 Run: python -m pytest -q tests/test_sample.py"""
-import contextlib
-import io
 import json
 import os
-import runpy
-import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,26 +11,13 @@ from PIL import Image
 
 import lora
 import standins
+from conftest import run_script
 from model import StableDiffusion
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num_samples=1", "--height=64", "--width=64"]
 
 def run(cache, *args):
-    """sample.py with these arguments, in this process (a new one spends seconds importing torch), as the shell
-    would run it: -> (returncode, stdout, stderr); a SystemExit's message goes to stderr, as Python prints it."""
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        mp.setenv("XDG_CACHE_HOME", str(cache))
-        mp.chdir(ROOT)
-        mp.setattr(sys, "argv", ["sample.py", "--steps=3", "--device=cpu", "--dtype=fp32", *args])
-        try:
-            runpy.run_path("sample.py", run_name="__main__")
-        except SystemExit as e:
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = 1 if isinstance(e.code, str) else e.code or 0
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    return run_script("sample.py", "--steps=3", "--device=cpu", "--dtype=fp32", *args, cache=cache)
 
 def image(folder, name="seed0.png"):
     return np.asarray(Image.open(os.path.join(folder, name))).astype(int)
