@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import lora
 import model
+from conftest import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--resolution=64", "--attn_resolutions=(4,)", "--eval_steps=2", "--eval_interval=1000", "--log_interval=1"]
@@ -27,21 +28,26 @@ def cache(tmp_path_factory):
     data.make_synthetic(str(root / "src"), str(root / "ref"), n=3)
     return root
 
+def tiny_args(cache, out, *args, config=None):
+    """train.py's arguments: config/tiny.py (then `config`, a second config file, if given) at test size."""
+    return ["config/tiny.py", *([config, "--variant=None"] if config else []), f"--out_dir={out}",
+            "--synthetic_data=False", f"--source_dir={cache / 'src'}", f"--reference_dir={cache / 'ref'}", *FAST, *args]
+
 def train(cache, out, *args, config=None, threads=None):
-    """train.py on config/tiny.py (then `config`, a second config file, if given) at test size."""
+    """train.py on config/tiny.py (then `config`, if given) at test size, in a process of its own."""
     env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"), **({"OMP_NUM_THREADS": threads} if threads else {}))
-    cmd = [sys.executable, "train.py", "config/tiny.py", *([config, "--variant=None"] if config else []),
-           f"--out_dir={out}", "--synthetic_data=False", f"--source_dir={cache / 'src'}",
-           f"--reference_dir={cache / 'ref'}", *FAST, *args]
+    cmd = [sys.executable, "train.py", *tiny_args(cache, out, *args, config=config)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+
+def stops(cache, out, *args):
+    """train() for a run that stops before it trains, in this process: its start-up is most of its cost."""
+    return run_script("train.py", *tiny_args(cache, out, *args), cache=cache / "xdg")
 
 def run_in_process(cache, monkeypatch, out, *args, config=None):
     """train.py in this process (its globals returned), for tests that look inside a run; `config` as for train."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "xdg"))
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(sys, "argv", ["train.py", "config/tiny.py", *([config, "--variant=None"] if config else []),
-                                      f"--out_dir={out}", "--synthetic_data=False", f"--source_dir={cache / 'src'}",
-                                      f"--reference_dir={cache / 'ref'}", *FAST, *args])
+    monkeypatch.setattr(sys, "argv", ["train.py", *tiny_args(cache, out, *args, config=config)])
     copy = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
     return copy["micro_step_losses"].__globals__  # the script's own namespace: changes to it reach its functions
 
@@ -225,12 +231,12 @@ def test_resume_refuses_another_runs_checkpoint(cache, run, tmp_path):
     shutil.copytree(run[0], out)
     cfg = json.load(open(out / "config.json"))
     json.dump(dict(cfg, run_id="0123456789ab"), open(out / "config.json", "w"))
-    r = train(cache, out, *SHARED, "--resume")
+    r = stops(cache, out, *SHARED, "--resume")
     assert r.returncode != 0 and "belongs to another run" in r.stderr and "0123456789ab" in r.stderr
 
 def test_resume_without_checkpoint_creates_nothing(cache, tmp_path):
     """--resume in a folder without checkpoints stops before reading photos, and creates no folder."""
-    r = train(cache, tmp_path / "none", "--resume")
+    r = stops(cache, tmp_path / "none", "--resume")
     assert r.returncode != 0 and "no checkpoint" in r.stderr
     assert not (tmp_path / "none").exists()
 
@@ -281,7 +287,7 @@ def test_checkpoint_write_failure_keeps_the_previous(cache, tmp_path, monkeypatc
 def test_unwritable_out_dir(cache, tmp_path):
     """An out_dir that cannot be created or written stops at once with a message naming it."""
     (tmp_path / "file").write_text("not a folder")
-    r = train(cache, tmp_path / "file" / "out")
+    r = stops(cache, tmp_path / "file" / "out")
     assert r.returncode != 0 and "cannot write to out_dir" in r.stderr, r.stderr[-2000:]
 
 def test_tiny_config_keeps_a_users_photos(cache, tmp_path):
@@ -290,7 +296,7 @@ def test_tiny_config_keeps_a_users_photos(cache, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     Image.new("RGB", (80, 80), (1, 2, 3)).save(mine / "00.png")
-    r = train(cache, tmp_path / "o", "--synthetic_data=True", f"--source_dir={mine}")
+    r = stops(cache, tmp_path / "o", "--synthetic_data=True", f"--source_dir={mine}")
     assert r.returncode != 0 and str(mine) in r.stderr, r.stderr[-2000:]
     assert Image.open(mine / "00.png").getpixel((5, 5)) == (1, 2, 3)
 
@@ -300,12 +306,12 @@ def test_empty_mask_is_named(cache, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(cache / "src", src)
     Image.new("L", Image.open(src / "01_mask.png").size, 0).save(src / "01_mask.png")
-    r = train(cache, tmp_path / "o", f"--source_dir={src}")
+    r = stops(cache, tmp_path / "o", f"--source_dir={src}")
     assert r.returncode != 0 and "01_mask.png" in r.stderr, r.stderr[-2000:]
 
 def test_placeholder_past_77_tokens_stops(cache, tmp_path):
     """A template that pushes a placeholder past CLIP's 77 tokens stops the run instead of dropping it."""
-    r = train(cache, tmp_path / "o", "--composed_templates=('" + "a " * 80 + "{} {}',)")
+    r = stops(cache, tmp_path / "o", "--composed_templates=('" + "a " * 80 + "{} {}',)")
     assert r.returncode != 0 and "<v1>" in r.stderr, r.stderr[-2000:]
 
 def test_checkpoints_keep_last_n(cache, tmp_path):
@@ -503,18 +509,18 @@ def test_official_phase_settings(cache, tmp_path, monkeypatch):
 
 def test_bad_settings(cache, tmp_path):
     """Unknown settings and unsupported options fail with a clear message."""
-    r = train(cache, tmp_path / "x", "--lamda_attn=1")
+    r = stops(cache, tmp_path / "x", "--lamda_attn=1")
     assert r.returncode != 0 and "did you mean 'lambda_attn'" in r.stderr
-    r = train(cache, tmp_path / "x", "--attn_resolutions=(3,)")  # found before phase 1, not at phase 2's start
+    r = stops(cache, tmp_path / "x", "--attn_resolutions=(3,)")  # found before phase 1, not at phase 2's start
     assert r.returncode != 0 and "matches no cross-attention layer" in r.stderr and "[8, 4, 2, 1]" in r.stderr
     assert not (tmp_path / "x" / "checkpoints").exists() and not (tmp_path / "x" / "log.jsonl").exists()
-    r = train(cache, tmp_path / "y", "--lora_targets=('.*attn9.*',)")  # also before phase 1
+    r = stops(cache, tmp_path / "y", "--lora_targets=('.*attn9.*',)")  # also before phase 1
     assert r.returncode != 0 and "matches no nn.Linear of the UNet" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "y" / "checkpoints").exists()
-    r = train(cache, tmp_path / "x", "--dtype=fp8")
+    r = stops(cache, tmp_path / "x", "--dtype=fp8")
     assert r.returncode != 0 and "dtype must be one of" in r.stderr and "Traceback" not in r.stderr
     if not torch.cuda.is_available():
-        r = train(cache, tmp_path / "x", "--device=cuda")
+        r = stops(cache, tmp_path / "x", "--device=cuda")
         assert r.returncode != 0 and "--device=cpu" in r.stderr and "Traceback" not in r.stderr
 
 @pytest.fixture(scope="module")
