@@ -1,4 +1,5 @@
-"""Shared fixtures: small random reference models from diffusers/transformers saved in the Hub's layout."""
+"""Shared helpers: small random reference models from diffusers/transformers saved in the Hub's layout, and the
+scripts run in the test process as the shell would run them."""
 import contextlib
 import io
 import json
