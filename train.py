@@ -189,6 +189,13 @@ RUN_DIRS = ("checkpoints", "samples", "masks", lora.EMBEDS_DIR)
 def checkpoints():
     return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")))
 
+def checkpoint_path(step):
+    return os.path.join(ckpt_dir, f"step{step:06d}.pt")
+
+def append_log(row):
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
 def read_run_id():
     path = os.path.join(out_dir, "config.json")
     return json.load(open(path)).get("run_id") if os.path.exists(path) else None
@@ -739,7 +746,7 @@ def save_checkpoint(step, phase, gen_state=None):
     state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), trained=trained_tensors(),
                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                  gen=gen.get_state() if gen_state is None else gen_state, config=config)
-    path = os.path.join(ckpt_dir, f"step{step:06d}.pt")
+    path = checkpoint_path(step)
     try:
         torch.save(state, path + ".tmp")
     except (OSError, RuntimeError) as e:  # a full disk shows as RuntimeError "... file write failed"
@@ -755,7 +762,7 @@ def save_checkpoint(step, phase, gen_state=None):
 
 def keep_done(step, phase, what, gen_state=None):
     """After `what` failed: checkpoint the `step` steps done (unless that checkpoint is there) and say so."""
-    if not os.path.exists(os.path.join(ckpt_dir, f"step{step:06d}.pt")):
+    if not os.path.exists(checkpoint_path(step)):
         save_checkpoint(step, phase, gen_state)
     print(f"\n{what} failed; the {step} steps done are in {checkpoints()[-1]}: fix the cause below and run again "
           "with --resume", file=sys.stderr, flush=True)
@@ -934,14 +941,12 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                     with eager():  # compiling the sampler's batch without gradients would cost more than it saves
                         row.update(evaluate(done))
                 except Exception:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
+                    append_log(row)
                     keep_done(done, phase, f"validation at step {done}")
                     raise
                 bar.set_description_str("")
                 paused += time.time() - t_row
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_log(row)
             mfu = {"mfu": f"{row['mfu']:.0%}"} if peak_tflops else {}
             bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", **mfu)
         bar.update()
