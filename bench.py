@@ -160,9 +160,10 @@ def no_grad(fn):
     return lambda: [torch.no_grad()(fn)()]
 
 # -----------------------------------------------------------------------------
-# one MagiCapture phase-2 step, as train.py's micro_step_losses runs it: `batch` draws of a source, a reference
+# one MagiCapture phase-2 step, as train.py's micro_step runs it: `batch` draws of a source, a reference
 # and a composed sample in one UNet pass (eq. 4-6), eq. 8 on their recorded cross-attention, and eq. 7's second
-# pass of the source and composed samples, decoded with gradient, through an identity head; summed as eq. 10.
+# pass of the source and composed samples, decoded with gradient, through an identity head; summed as eq. 10,
+# whose two parts are backpropagated one after the other.
 # Both sides train the paper's LoRA (rank 4 on the cross-attention projections) on copies of their UNets.
 
 LAMBDA_ATTN, LAMBDA_ID = 2.5, 1.0  # train.py's eq. 10 weights (paper's values)
@@ -256,13 +257,17 @@ def phase2_step(recorded, unet, decode, params):
         recon = torch.stack([masked_mse(pred[i:i + 1], noise[i:i + 1], loss_masks[i:i + 1])
                              for i in range(n)])  # eq. 4 (s), 5 (r), 6 (c)
         attn = attention_refocus(maps, attn_masks, present)  # eq. 8
+        none, ones = torch.zeros_like(recon), torch.ones_like(recon)
+        loss = total_loss(recon, attn, none, ones, LAMBDA_ATTN, LAMBDA_ID)  # eq. 10 without eq. 7, backpropagated
+        loss.backward()  # before eq. 7's pass, as train.py does: one part's activations at a time
         eps = unet(z_t_id, t_id, context_step[ident_rows])
         z0_hat = ours.schedule.predict_x0(z_t_id, eps.float(), t_id)  # a formula of the shared schedule
         images = decode((z0_hat / ours.vae.config.scaling_factor).to(tdtype)).float()
         ident = torch.zeros_like(recon)
         ident[ident_rows] = identity_loss(id_head(faces.arcface_crop(images, landmarks)), id_target)  # eq. 7
-        loss = total_loss(recon, attn, ident, torch.ones_like(recon), LAMBDA_ATTN, LAMBDA_ID)  # eq. 10
-        loss.backward()
+        id_loss = total_loss(none, none, ident, ones, LAMBDA_ATTN, LAMBDA_ID)  # eq. 10's eq. 7 part
+        id_loss.backward()
+        loss = loss + id_loss
         grads = [p.grad for p in params]
         for p in params:
             p.grad = None  # the next call starts without them (and measures them as growth)

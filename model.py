@@ -1057,9 +1057,17 @@ class Schedule:
         self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()  # abar_t, (T,)
         # the abar the last DDIM step lands on: 1 ("alpha to one") or abar_0, as SD1.5 configures it
         self.final_alpha = 1.0 if cfg.set_alpha_to_one else self.alphas_cumprod[0].item()
+        self._copies = {}
+
+    def alphas_cumprod_on(self, device):
+        """alphas_cumprod on `device`, copied there once: a copy at each training step would wait for the host."""
+        device = torch.device(device)
+        if device not in self._copies:
+            self._copies[device] = self.alphas_cumprod.to(device)
+        return self._copies[device]
 
     def abar(self, t, like):
-        return self.alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
+        return self.alphas_cumprod_on(like.device)[t].to(like.dtype).view(-1, *[1] * (like.dim() - 1))
 
     def add_noise(self, x0, noise, t):
         """q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
@@ -1070,7 +1078,7 @@ class Schedule:
         """Eq. 7's z0_hat, Tweedie's estimate of the clean latent: z0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
         add_noise solved for x0. t: one timestep (int) or (B,) timesteps, one per sample. Computed in float32
         or wider (in bf16, abar_t itself would be off by up to 0.4%) and returned in z_t's dtype."""
-        a = self.alphas_cumprod.to(z_t.device, torch.promote_types(z_t.dtype, torch.float32))[t]
+        a = self.alphas_cumprod_on(z_t.device).to(torch.promote_types(z_t.dtype, torch.float32))[t]
         a = a.view(-1, *[1] * (z_t.dim() - 1))  # (B or 1, 1, 1, 1)
         return ((z_t - (1 - a).sqrt() * eps) / a.sqrt()).to(z_t.dtype)
 

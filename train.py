@@ -119,6 +119,9 @@ color_jitter = 0.0               # official: ColorJitter(brightness=0.1, contras
 grad_accum = 4                   # paper: batch 1, gradient accumulation 4
 batch_size = 1                   # draws of a source and a reference photo (and their tasks) run as one UNet pass;
                                  # batch_size=4, grad_accum=1 gives the paper's batch of 4 in one pass per step
+phase1_batch_size = None         # phase 1's draws per pass (None: batch_size), with as many micro-steps as keep
+                                 # its step's batch_size * grad_accum draws; phase 1 (no eq. 7, no attention maps)
+                                 # needs far less memory per draw than phase 2
 weight_decay = 1e-3              # AdamW, on LoRA (official); embeddings have none
 grad_clip = 1.0                  # max gradient norm (official: 1.0)
 grad_clip_phase1 = True          # also clip in phase 1 (official: phase 2 only)
@@ -151,6 +154,13 @@ if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and phase1_s
                             and grad_accum >= 1 and batch_size >= 1 and keep_checkpoints >= 1):
     raise SystemExit("tokens must be two strings; phase steps >= 0, and > 0 together; grad_accum, batch_size and "
                      "keep_checkpoints >= 1")
+draws = batch_size * grad_accum  # a step's draws, in both phases
+if phase1_batch_size is not None and not (isinstance(phase1_batch_size, int) and phase1_batch_size >= 1
+                                          and draws % phase1_batch_size == 0):
+    raise SystemExit(f"phase1_batch_size={phase1_batch_size!r} must divide a step's batch_size * grad_accum = {draws} "
+                     "draws (or be None: batch_size)")
+micro_batch = {1: phase1_batch_size or batch_size, 2: batch_size}  # phase -> draws per micro-step
+accum = {phase: draws // n for phase, n in micro_batch.items()}  # phase -> micro-steps per step
 if resolution % 64:
     raise SystemExit(f"resolution must be a multiple of 64, got {resolution}")
 if not (1 < t_id_max <= 1000 and 0 < phase2_t_max <= 1000):
@@ -168,8 +178,9 @@ world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0
 master = rank == 0
 if world > 1:
     import torch.distributed as dist
-    if grad_accum % world:
-        raise SystemExit(f"grad_accum={grad_accum} must be a multiple of the {world} processes: each takes an equal share")
+    if any(n % world for n in accum.values()):
+        raise SystemExit(f"the micro-steps of a step ({accum[1]} in phase 1, {accum[2]} in phase 2: grad_accum, and "
+                         f"phase1_batch_size) must be a multiple of the {world} processes: each takes an equal share")
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(device)
@@ -556,11 +567,11 @@ def draw_tasks(phase, boost):
     return tasks
 
 def draw_micro_batch(phase, boost):
-    """batch_size draws of the phase's tasks, each followed by its noise and timesteps (and eq. 7's own timesteps
+    """micro_batch[phase] draws of the phase's tasks, each followed by its noise and timesteps (and eq. 7's own timesteps
     for its samples with an identity), so that a draw is the same whether it runs in a batch, in a micro-step
     of its own, or in another process -> (tasks, noise, t, t_id or None)."""
     tasks, noise, t, t_id = [], [], [], []
-    for _ in range(batch_size):
+    for _ in range(micro_batch[phase]):
         drawn = draw_tasks(phase, boost)
         tasks += drawn
         noise.append(rand(len(drawn), *drawn[0].latent.shape))
@@ -570,24 +581,46 @@ def draw_micro_batch(phase, boost):
             t_id.append(torch.randint(1, min(t_id_max, phase2_t_max), (n,), generator=gen))
     return tasks, torch.cat(noise), to_device(torch.cat(t), device), to_device(torch.cat(t_id), device) if t_id else None
 
-def micro_step_losses(phase, boost, drawn=None):
-    """The phase's loss for one micro-step (drawn: draw_micro_batch's, else drawn here), eq. 10 over its tasks
-    -> (total, {term: value} for the log, identity samples without a detected face, or None without eq. 7)."""
+def tensors_of(x):
+    """The tensors of a nest of tuples and dicts (condition()'s output), in order."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return [t for v in (x.values() if isinstance(x, dict) else x or ()) for t in tensors_of(v)]
+
+def cut(x):
+    """x with each tensor replaced by a leaf of the same value: a backward pass stops there, in its .grad."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().requires_grad_(x.requires_grad)
+    if isinstance(x, dict):
+        return {k: cut(v) for k, v in x.items()}
+    return None if x is None else tuple(cut(v) for v in x)
+
+def micro_step(phase, boost, drawn=None, backward=None):
+    """One micro-step of the phase (drawn: draw_micro_batch's, else drawn here): eq. 10 over its tasks, forward and
+    backward -> (the loss, {term: value} for the log, identity samples without a detected face or None without
+    eq. 7), all detached. backward(loss) backpropagates (train.py's: scaled for fp16, over accum); None:
+    loss.backward(). Eq. 10 is a sum, so its two parts run one after the other, each forward then backward: the
+    UNet pass of every task (eq. 4-6, 8, 11), then eq. 7's second pass and decode; only one part's activations
+    are held at a time. The prompts' encodings are cut from the text encoder between them, and their gradient,
+    the two parts' sum, goes back through it last."""
+    backward = backward or torch.Tensor.backward
     tasks, noise, t, t_id = drawn or draw_micro_batch(phase, boost)
     z0 = torch.stack([task.latent for task in tasks])
     prompts = [task.prompt for task in tasks]
     record = phase == 2 and lambda_attn > 0
     rec = AttentionRecorder(to_device(sd.tokenizer(prompts), device), ids, attn_resolutions if record else ())  # () records nothing
     z_t = sd.schedule.add_noise(z0, noise, t)
+    with autocast:
+        encoded = condition(prompts)  # (context, added_cond or None), with gradient to the learned rows
+    context, added = cut(encoded)
     with autocast, sd.unet.record_attention(rec):
-        context, added = condition(prompts)
         pred = sd.unet(z_t, t, context, added)
     parts = []  # eq. 11's terms of each composed object sample
     recon = torch.stack([object_composed_loss(z_t[i:i + 1], pred[i:i + 1], t[i:i + 1], task, parts)  # eq. 11
                          if task.name == "c" and subject == "object" else
                          masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])  # eq. 4 (s), 5 (r), 6 (c)
                          for i, task in enumerate(tasks)])
-    attn, ident = torch.zeros_like(recon), torch.zeros_like(recon)
+    attn, none = torch.zeros_like(recon), torch.zeros_like(recon)
     terms = {name: torch.stack([recon[i] for i, task in enumerate(tasks) if task.name == name]).mean()
              for name in dict.fromkeys(task.name for task in tasks)}  # each kind of task's mean over the batch
     terms.update({k: torch.stack([p[k] for p in parts]).mean() for k in (parts[0] if parts else {})})
@@ -597,17 +630,25 @@ def micro_step_losses(phase, boost, drawn=None):
         masks = torch.stack([torch.stack([absent if m is None else m for m in task.attn_masks]) for task in tasks])
         attn = attention_refocus(rec.maps, masks[:, :, 0], present)  # eq. 8, one value per task
         terms["attn"] = attn.mean()
-    missed = None
+    weight = to_device(torch.tensor([task.weight for task in tasks]), device)
+    loss = total_loss(recon, attn, none, weight, lambda_attn, lambda_id)  # eq. 10 without eq. 7
+    backward(loss)
+    loss, missed = loss.detach(), None
     if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
         sel = to_device(torch.tensor([i for i, task in enumerate(tasks) if task.source is not None]), device)
         owners = to_device(torch.tensor([task.source for task in tasks if task.source is not None]), device)
         targets = src_ids[owners] if id_target == "own" else src_id.expand(len(sel), -1)
         values, found = identity_term(z0[sel], noise[sel], context[sel], rows_of(added, sel), targets, t_id)
-        ident[sel] = values
+        ident = none.index_put((sel,), values)
+        id_loss = total_loss(none, none, ident, weight, lambda_attn, lambda_id)  # eq. 10's eq. 7 part
+        backward(id_loss)
+        loss = loss + id_loss.detach()
         missed = (~found).sum()  # read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
-    weight = to_device(torch.tensor([task.weight for task in tasks]), device)
-    return total_loss(recon, attn, ident, weight, lambda_attn, lambda_id), terms, missed  # eq. 10
+    roots = [(x, leaf.grad) for x, leaf in zip(tensors_of(encoded), tensors_of((context, added))) if leaf.grad is not None]
+    if roots:  # the text encoder, once, with both parts' gradient
+        torch.autograd.backward(*zip(*roots))
+    return loss, {k: v.detach() for k, v in terms.items()}, missed
 
 def object_composed_loss(z_t, eps, t, task, parts):
     """Eq. 11 (supplement, "General Object"; after Kwon & Ye's DiffuseIT): the composed sample has no pseudo-label,
@@ -804,7 +845,7 @@ def micro_step_flops(phase, boost, drawn, trainable):
     may round differently, and the run must not depend on where it counted) whose gradients are then dropped;
     eagerly, since a compiled function first called under the counter would never compile."""
     with eager(), count_flops() as counter:
-        micro_step_losses(phase, boost, drawn)[0].backward()
+        micro_step(phase, boost, drawn)
     for p in trainable:
         p.grad = None
     return counter.get_total_flops()
@@ -840,9 +881,9 @@ if master:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config, run_id=run_id), f, indent=2)
 
-print(f"phase 1: {phase1_steps} steps (embeddings), phase 2: {phase2_steps} steps (LoRA + embeddings); "
-      f"{grad_accum} micro-steps of {batch_size} source + {batch_size} reference photo(s) per step; "
-      f"{total_steps * grad_accum} UNet batches in all; compute {dtype} on {device}")
+print(f"phase 1: {phase1_steps} steps (embeddings) of {accum[1]} x {micro_batch[1]} draws, phase 2: {phase2_steps} "
+      f"steps (LoRA + embeddings) of {accum[2]} x {micro_batch[2]} draws (micro-steps x draws of a source and a "
+      f"reference photo in one pass); compute {dtype} on {device}")
 
 from tqdm import tqdm
 bar = tqdm(total=total_steps, initial=start, unit="step", disable=not master)
@@ -850,6 +891,7 @@ signal.signal(signal.SIGINT, request_stop)
 t0 = time.time()
 t_row, step_row, paused = t0, start, 0.0  # the last log row's time and step; validation and checkpoint seconds since
 micro_flop = {}  # phase -> FLOPs of one micro-step, forward and backward
+peak_gib = 0.0  # the largest GPU memory of the log's rows
 for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps)):
     if max(start, first) >= first + steps:
         continue  # a phase of 0 steps, or one finished before the resumed checkpoint
@@ -864,23 +906,30 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
     trainable = [p for g in opt.param_groups for p in g["params"]]
     for step in range(max(start, first), first + steps):
         boost = style_boost if step - first < steps / 2 else 1.0
-        # draw grad_accum micro-batches, backpropagate each, then one optimiser step; the terms stay on the device
+        # draw the step's micro-batches, backpropagate each, then one optimiser step; the terms stay on the device
         logged, missed = {}, None
         gen_before = gen.get_state()  # where this step's draws start, for a checkpoint if its passes fail
         try:
-            for micro in range(grad_accum):
+            for micro in range(accum[phase]):
                 drawn = draw_micro_batch(phase, boost)  # every process draws every micro-step: they stay in step
                 if micro % world != rank:
                     continue  # another process's share
                 if phase not in micro_flop:
                     micro_flop[phase] = micro_step_flops(phase, boost, drawn, trainable)
-                total, terms, skipped = micro_step_losses(phase, boost, drawn)
-                scaler.scale(total / grad_accum).backward()
+                # each micro-step's gradient is summed on its own, then added to the step's: the float sums are then
+                # the same as where other processes run some of the micro-steps (whose sums all_reduce adds)
+                held = [p.grad for p in trainable]
+                opt.zero_grad(set_to_none=True)
+                total, terms, skipped = micro_step(phase, boost, drawn,
+                                                   lambda loss: scaler.scale(loss / accum[phase]).backward())
+                for p, g in zip(trainable, held):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad.add_(g)
                 for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
                     key = f"loss_{name}" if name else "loss"
-                    logged[key] = logged.get(key, 0.0) + v.detach().float() / grad_accum
-                if skipped is not None:
-                    missed = (missed or 0) + skipped
+                    logged[key] = logged.get(key, 0.0) + v.detach().float() / accum[phase]
+                if skipped is not None:  # (a tensor: `missed or 0` would read it back)
+                    missed = skipped if missed is None else missed + skipped
         except Exception:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
             if master and step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
                 keep_done(step, phase, f"step {step + 1}", gen_before)
@@ -931,10 +980,14 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             # waited for the device, so these steps are done)
             step_seconds = (time.time() - t_row - paused) / (done - step_row)
             t_row, step_row, paused = time.time(), done, 0.0
-            step_flop = micro_flop[phase] * grad_accum  # all processes' micro-steps
+            step_flop = micro_flop[phase] * accum[phase]  # all processes' micro-steps
             row.update(step_seconds=round(step_seconds, 4), gflop=round(step_flop / 1e9, 3))
             if peak_tflops:
                 row["mfu"] = round(step_flop / step_seconds / (peak_tflops * 1e12), 4)
+            if device.startswith("cuda"):  # the most GPU memory the steps since the last row held
+                row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                peak_gib = max(peak_gib, row["peak_gib"])
+                torch.cuda.reset_peak_memory_stats(device)
             if evaluate_now:
                 bar.set_description_str("drawing validation samples")
                 try:
@@ -945,6 +998,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                     keep_done(done, phase, f"validation at step {done}")
                     raise
                 bar.set_description_str("")
+                row["eval_seconds"] = round(time.time() - t_row, 2)
                 paused += time.time() - t_row
             append_log(row)
             mfu = {"mfu": f"{row['mfu']:.0%}"} if peak_tflops else {}
@@ -980,5 +1034,5 @@ if save_pipeline:  # the whole fine-tuned model, for diffusers' from_pretrained 
     sd.save_pretrained(os.path.join(out_dir, "pipeline"))
 plot_losses(log_path, os.path.join(out_dir, "loss.png"))
 if device.startswith("cuda"):
-    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print(f"peak GPU memory: {max(peak_gib, torch.cuda.max_memory_allocated(device) / 2**30):.2f} GiB")
 print(f"done: {out_dir} holds {', '.join(sorted(os.listdir(out_dir)))}")

@@ -49,7 +49,7 @@ def run_in_process(cache, monkeypatch, out, *args, config=None):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["train.py", *tiny_args(cache, out, *args, config=config)])
     copy = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    return copy["micro_step_losses"].__globals__  # the script's own namespace: changes to it reach its functions
+    return copy["micro_step"].__globals__  # the script's own namespace: changes to it reach its functions
 
 def log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -79,6 +79,7 @@ def test_end_to_end_outputs(run):
     # speed: seconds per step, and the FLOPs of a step, the same each step of a phase; phase 2 adds the composed
     # sample (3 of 2) and LoRA's own matmuls; no mfu on a CPU (no known peak)
     assert all(r["step_seconds"] > 0 and "mfu" not in r for r in rows)
+    assert [r["step"] for r in rows if "eval_seconds" in r] == [3, 6] and rows[2]["eval_seconds"] > 0
     flop = [r["gflop"] for r in rows]
     assert flop[0] == flop[1] == flop[2] and flop[3] == flop[4] == flop[5] and flop[3] > 1.5 * flop[0] > 0, flop
     assert set(rows[-1]["attn_outside"]) == set(rows[-1]["attn_mass"]) == {"<v1>", "<v2>"}
@@ -413,9 +414,9 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     params = lora.lora_parameters(g["sd"].unet)
     for p in params:
         p.grad = None
-    total, terms, missed = g["micro_step_losses"](2, 1.0)
-    terms["id"].backward()
-    assert sum(p.grad.abs().sum().item() for p in params if p.grad is not None) > 0
+    parts = []  # eq. 10's two parts, backpropagated one after the other: here only the second, eq. 7's
+    g["micro_step"](2, 1.0, None, lambda loss: parts.append(loss) or (len(parts) == 2 and loss.backward()))
+    assert len(parts) == 2 and sum(p.grad.abs().sum().item() for p in params if p.grad is not None) > 0
     # source_face_crop crops the sources around their faces; the references keep their whole composition
     import data
     assert all(p.square == data.square_around(p.photo.size) for p in g["references"])
@@ -429,19 +430,18 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
         return real_identity_term(z0, noise, context, added, targets, t_id)
 
     g["identity_term"] = spy
-    g["micro_step_losses"](2, 1.0)
+    g["micro_step"](2, 1.0)
     assert torch.equal(seen[-1], g["src_id"].expand(2, -1))
     g["id_target"] = "own"
-    g["micro_step_losses"](2, 1.0)
+    g["micro_step"](2, 1.0)
     assert torch.equal(seen[-1][0], seen[-1][1]) and any(torch.equal(seen[-1][0], row) for row in g["src_ids"])
     # this stand-in's graph is not torch-runnable, so the host path ran; with none found, eq. 7 is 0 and counted
     assert g["detector"] is None
     monkeypatch.setattr(g["faces"], "detect", lambda *a, **k: [])
     for p in params:
         p.grad = None
-    total, terms, missed = g["micro_step_losses"](2, 1.0)
+    total, terms, missed = g["micro_step"](2, 1.0)  # the faceless samples' crops must not reach the weights as NaN
     assert terms["id"].item() == 0 and int(missed) == 2
-    total.backward()  # the faceless samples' crops must not reach the weights as NaN
     assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
     monkeypatch.undo()
     # a detector whose graph runs as torch ops: find_faces on the device equals the host path on the same file
@@ -464,8 +464,7 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     drawn = g["draw_micro_batch"](2, 1.0)  # the draw is host work by design, before the step
     from test_faces import HostReads
     with HostReads(cpu=True) as mode:
-        total, terms, missed = g["micro_step_losses"](2, 1.0, drawn)
-        total.backward()
+        g["micro_step"](2, 1.0, drawn)
     assert mode.reads == [], mode.reads
 
 def test_official_decode_clamps_the_image(cache, tmp_path, face_models, monkeypatch):
@@ -479,7 +478,7 @@ def test_official_decode_clamps_the_image(cache, tmp_path, face_models, monkeypa
         (images.min().item(), images.max().item())) or real_crop(images, lm))
     for clamp in (True, False):
         g["id_decode_fp32"] = clamp
-        g["micro_step_losses"](2, 1.0)
+        g["micro_step"](2, 1.0)
     (lo, hi), (lo_raw, hi_raw) = ranges
     assert -1 <= lo and hi <= 1 and (lo_raw < -1 or hi_raw > 1), ranges
 
@@ -502,7 +501,7 @@ def test_official_phase_settings(cache, tmp_path, monkeypatch):
     for phase in (2, 1):
         seen.clear()
         for _ in range(5):
-            g["micro_step_losses"](phase, 1.0)
+            g["micro_step"](phase, 1.0)
         assert (max(seen) < 50) == (phase == 2), (phase, seen)
     lo, hi = g["src_face"].min().item(), g["src_face"].max().item()
     assert lo == pytest.approx(0.01 / 1.01) and hi == pytest.approx(1.0), (lo, hi)  # the floor, the max scaling
@@ -514,6 +513,8 @@ def test_bad_settings(cache, tmp_path):
     r = stops(cache, tmp_path / "x", "--attn_resolutions=(3,)")  # found before phase 1, not at phase 2's start
     assert r.returncode != 0 and "matches no cross-attention layer" in r.stderr and "[8, 4, 2, 1]" in r.stderr
     assert not (tmp_path / "x" / "checkpoints").exists() and not (tmp_path / "x" / "log.jsonl").exists()
+    r = stops(cache, tmp_path / "x", "--phase1_batch_size=3", "--grad_accum=4")
+    assert r.returncode != 0 and "phase1_batch_size=3 must divide a step's batch_size * grad_accum = 4" in r.stderr
     r = stops(cache, tmp_path / "y", "--lora_targets=('.*attn9.*',)")  # also before phase 1
     assert r.returncode != 0 and "matches no nn.Linear of the UNet" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "y" / "checkpoints").exists()
@@ -774,24 +775,27 @@ def test_object_mode_trains_the_composed_terms(cache, objects, tmp_path, monkeyp
 
 def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch):
     """batch_size=4 in one UNet pass and grad_accum=4 micro-steps of one draw each take the same draws and end
-    with the same weights, within float tolerance (batched matmuls round differently)."""
+    with the same weights, within float tolerance (batched matmuls round differently); so does phase 1 in one
+    pass of 4 (phase1_batch_size=4) before phase 2's 4 micro-steps."""
     final, flop = {}, {}
-    for batch, accum in ((4, 1), (1, 4)):
-        out = tmp_path / f"b{batch}"
+    for name, batch, accum, first in (("4", 4, 1, None), ("1", 1, 4, None), ("4+1", 1, 4, 4)):
+        out = tmp_path / f"b{name}"
         g = run_in_process(cache, monkeypatch, out, "--phase1_steps=2", "--phase2_steps=2", f"--batch_size={batch}",
-                           f"--grad_accum={accum}")
-        final[batch] = {**load_file(str(out / "pytorch_lora_weights.safetensors")),
-                        **load_file(str(out / "learned_embeds.safetensors"))}
-        flop[batch] = [r["gflop"] for r in log(out)]
-    assert flop[4] == flop[1], flop  # a step's FLOPs: one micro-step of 4 draws, or four of one
+                           f"--grad_accum={accum}", f"--phase1_batch_size={first}")
+        final[name] = {**load_file(str(out / "pytorch_lora_weights.safetensors")),
+                       **load_file(str(out / "learned_embeds.safetensors"))}
+        flop[name] = [r["gflop"] for r in log(out)]
+    assert flop["4"] == flop["1"] == flop["4+1"], flop  # a step's FLOPs: one micro-step of 4 draws, or four of one
+    assert g["accum"] == {1: 1, 2: 4} and g["micro_batch"] == {1: 4, 2: 1}
     # the mfu's peaks, by the names torch reports; variants that are not listed get none (no wrong peak)
     peaks = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40": 181,
              "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "NVIDIA GeForce RTX 4090 D": None,
              "NVIDIA RTX A1000": None, "NVIDIA GeForce RTX 3090 Ti": None}
     assert {name: g["peak_tflops_of"](name) for name in peaks} == peaks
-    for k in final[1]:
-        err = (final[4][k] - final[1][k]).abs().max().item()
-        assert err < 1e-5, f"{k}: max difference {err:.2e}"
+    for k in final["1"]:
+        for other in ("4", "4+1"):
+            err = (final[other][k] - final["1"][k]).abs().max().item()
+            assert err < 1e-5, f"{other}, {k}: max difference {err:.2e}"
 
 @pytest.mark.parametrize("identity", [False, True])
 def test_torchrun_two_processes_equal_one(cache, tmp_path, face_models, identity):
