@@ -87,6 +87,9 @@ attn_resolutions = (16,)         # feature-map sides recorded for eq. 8 (officia
 style_boost = 1.0                # official code: 2.0 on the style and composed losses in each phase's first half
 id_target = "mean"               # eq. 7's R(B(I_s)): "mean" of all source photos' embeddings, or "own" (official):
                                  # a source sample's own photo, a composed sample its paired source photo
+id_batch_size = None             # eq. 7's samples per pass (None: all of a micro-step's), each pass backpropagated
+                                 # before the next: its decode with gradient, most of phase 2's memory at 512 px,
+                                 # is then held for this many images only; the gradient is the same
 id_decode_fp32 = False           # official: decode x0_hat in fp32 and clamp it to the image range before the
                                  # detector and ArcFace (False: the compute dtype, unclamped)
 latent_mask = "bilinear"         # masks to latent size: "bilinear" (soft edges), or "nearest" (official: hard
@@ -165,6 +168,8 @@ if resolution % 64:
     raise SystemExit(f"resolution must be a multiple of 64, got {resolution}")
 if not (1 < t_id_max <= 1000 and 0 < phase2_t_max <= 1000):
     raise SystemExit(f"t_id_max must be in 2..1000 and phase2_t_max in 1..1000, got {t_id_max} and {phase2_t_max}")
+if id_batch_size is not None and not (isinstance(id_batch_size, int) and id_batch_size >= 1):
+    raise SystemExit(f"id_batch_size must be None (all at once) or >= 1, got {id_batch_size!r}")
 if prior_prompt and prior_images < 1:
     raise SystemExit(f"prior preservation needs prior_images >= 1, got {prior_images}")
 if not 0 <= min_mask_fraction < 0.5:
@@ -600,8 +605,8 @@ def micro_step(phase, boost, drawn=None, backward=None):
     backward -> (the loss, {term: value} for the log, identity samples without a detected face or None without
     eq. 7), all detached. backward(loss) backpropagates (train.py's: scaled for fp16, over accum); None:
     loss.backward(). Eq. 10 is a sum, so its two parts run one after the other, each forward then backward: the
-    UNet pass of every task (eq. 4-6, 8, 11), then eq. 7's second pass and decode; only one part's activations
-    are held at a time. The prompts' encodings are cut from the text encoder between them, and their gradient,
+    UNet pass of every task (eq. 4-6, 8, 11), then eq. 7's second pass and decode (in passes of id_batch_size
+    samples); only one pass's activations are held at a time. The prompts' encodings are cut from the text encoder between them, and their gradient,
     the two parts' sum, goes back through it last."""
     backward = backward or torch.Tensor.backward
     tasks, noise, t, t_id = drawn or draw_micro_batch(phase, boost)
@@ -634,15 +639,22 @@ def micro_step(phase, boost, drawn=None, backward=None):
     loss = total_loss(recon, attn, none, weight, lambda_attn, lambda_id)  # eq. 10 without eq. 7
     backward(loss)
     loss, missed = loss.detach(), None
-    if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
-        sel = to_device(torch.tensor([i for i, task in enumerate(tasks) if task.source is not None]), device)
-        owners = to_device(torch.tensor([task.source for task in tasks if task.source is not None]), device)
-        targets = src_ids[owners] if id_target == "own" else src_id.expand(len(sel), -1)
-        values, found = identity_term(z0[sel], noise[sel], context[sel], rows_of(added, sel), targets, t_id)
-        ident = none.index_put((sel,), values)
-        id_loss = total_loss(none, none, ident, weight, lambda_attn, lambda_id)  # eq. 10's eq. 7 part
-        backward(id_loss)
-        loss = loss + id_loss.detach()
+    if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples, id_batch_size of them per pass
+        rows = [i for i, task in enumerate(tasks) if task.source is not None]
+        owners = to_device(torch.tensor([tasks[i].source for i in rows]), device)
+        targets = src_ids[owners] if id_target == "own" else src_id.expand(len(rows), -1)
+        n = id_batch_size or len(rows)
+        values, found = [], []
+        for c in range(0, len(rows), n):
+            sel = to_device(torch.tensor(rows[c:c + n]), device)
+            v, f = identity_term(z0[sel], noise[sel], context[sel], rows_of(added, sel), targets[c:c + n],
+                                 t_id[c:c + n])
+            id_loss = total_loss(none, none, none.index_put((sel,), v), weight, lambda_attn, lambda_id)  # eq. 10's
+            backward(id_loss)  # eq. 7 part, of these samples
+            loss = loss + id_loss.detach()
+            values.append(v.detach())
+            found.append(f)
+        values, found = torch.cat(values), torch.cat(found)
         missed = (~found).sum()  # read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
     roots = [(x, leaf.grad) for x, leaf in zip(tensors_of(encoded), tensors_of((context, added))) if leaf.grad is not None]

@@ -453,7 +453,7 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     boxes = np.stack([faces.letterbox(photo, faces.DET_SIZE)[0] for photo in photos[:2]])
     boxes = torch.from_numpy((boxes.astype(np.float32) - 127.5) / 128).permute(0, 3, 1, 2)
     path = standins.scrfd(str(tmp_path / "scrfd.onnx"), boxes[:1], boxes[1:])
-    g["face_files"]["detector"] = path
+    stand_in, g["face_files"]["detector"] = g["face_files"]["detector"], path
     host_found, host_landmarks = g["find_faces"](images)
     g["detector"] = faces.detector_torch(path)
     found, landmarks = g["find_faces"](images)
@@ -466,6 +466,22 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     with HostReads(cpu=True) as mode:
         g["micro_step"](2, 1.0, drawn)
     assert mode.reads == [], mode.reads
+    # eq. 7 one sample per pass (id_batch_size=1, each pass backpropagated on its own): the same loss and gradient
+    # (the host stand-in detector, which finds its face in every image)
+    g["detector"], g["face_files"]["detector"] = None, stand_in
+    trained = params + [g["embeds"]]
+
+    def step_with(n):
+        g["id_batch_size"] = n
+        for p in trained:
+            p.grad = None
+        total, terms, missed = g["micro_step"](2, 1.0, drawn)
+        return [total, terms["id"], missed] + [p.grad.clone() for p in trained]
+
+    whole, one = step_with(None), step_with(1)
+    assert whole[2] == 0 and whole[1] > 0  # both samples had a face and a loss
+    for x, y in zip(whole, one):
+        assert (x - y).abs().max() <= 1e-5 * x.abs().max(), (x - y).abs().max()
 
 def test_official_decode_clamps_the_image(cache, tmp_path, face_models, monkeypatch):
     """id_decode_fp32 (official) hands the detector and ArcFace x0_hat clamped to the image range; without it
@@ -513,6 +529,8 @@ def test_bad_settings(cache, tmp_path):
     r = stops(cache, tmp_path / "x", "--attn_resolutions=(3,)")  # found before phase 1, not at phase 2's start
     assert r.returncode != 0 and "matches no cross-attention layer" in r.stderr and "[8, 4, 2, 1]" in r.stderr
     assert not (tmp_path / "x" / "checkpoints").exists() and not (tmp_path / "x" / "log.jsonl").exists()
+    r = stops(cache, tmp_path / "x", "--id_batch_size=0")
+    assert r.returncode != 0 and "id_batch_size must be None (all at once) or >= 1, got 0" in r.stderr
     r = stops(cache, tmp_path / "x", "--phase1_batch_size=3", "--grad_accum=4")
     assert r.returncode != 0 and "phase1_batch_size=3 must divide a step's batch_size * grad_accum = 4" in r.stderr
     r = stops(cache, tmp_path / "y", "--lora_targets=('.*attn9.*',)")  # also before phase 1
