@@ -820,6 +820,27 @@ def keep_done(step, phase, what, gen_state=None):
     print(f"\n{what} failed; the {step} steps done are in {checkpoints()[-1]}: fix the cause below and run again "
           "with --resume", file=sys.stderr, flush=True)
 
+def memory_hint(error, phase, validation=False):
+    """For a run out of GPU memory: the settings that lower it, keeping the batch; else None."""
+    if not isinstance(error, torch.OutOfMemoryError):
+        return None
+    if validation:
+        return (f"validation draws {len(val_prompts) * len(eval_seeds)} images in one batch (its 4 prompts x "
+                f"eval_seeds={eval_seeds}): fewer seeds, e.g. --eval_seeds=(0,), draw fewer")
+    ways = []
+    if phase == 2 and lambda_id > 0 and id_batch_size != 1:
+        ways.append("--id_batch_size=1: eq. 7 decodes one image at a time (its decode is most of phase 2's memory)")
+    if micro_batch[phase] > 1:
+        how = "--phase1_batch_size" if phase == 1 else "--batch_size with a larger --grad_accum (the same product)"
+        ways.append(f"a smaller {how}: more micro-steps of fewer draws, the same batch (now {accum[phase]} "
+                    f"micro-step(s) of {micro_batch[phase]} draws)")
+    if not gradient_checkpointing:
+        ways.append("--gradient_checkpointing=True: recompute activations in the backward pass instead of holding them")
+    if not ways:
+        return f"phase {phase} ran out of GPU memory at its smallest settings: a GPU with more memory is needed"
+    return f"phase {phase} ran out of GPU memory; each of these lowers it, the update staying the same:\n  " + \
+        "\n  ".join(ways)
+
 def plot_losses(log_path, png_path):
     import matplotlib
     matplotlib.use("Agg")
@@ -942,9 +963,12 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                     logged[key] = logged.get(key, 0.0) + v.detach().float() / accum[phase]
                 if skipped is not None:  # (a tensor: `missed or 0` would read it back)
                     missed = skipped if missed is None else missed + skipped
-        except Exception:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
+        except Exception as e:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
             if master and step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
                 keep_done(step, phase, f"step {step + 1}", gen_before)
+            hint = memory_hint(e, phase)
+            if hint:
+                print(hint, file=sys.stderr, flush=True)
             raise
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
             for p in trainable:
@@ -1005,9 +1029,12 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 try:
                     with eager():  # compiling the sampler's batch without gradients would cost more than it saves
                         row.update(evaluate(done))
-                except Exception:
+                except Exception as e:
                     append_log(row)
                     keep_done(done, phase, f"validation at step {done}")
+                    hint = memory_hint(e, phase, validation=True)
+                    if hint:
+                        print(hint, file=sys.stderr, flush=True)
                     raise
                 bar.set_description_str("")
                 row["eval_seconds"] = round(time.time() - t_row, 2)

@@ -149,7 +149,7 @@ def fail_on_call(n):
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
-            raise RuntimeError("CUDA out of memory (a stand-in)")
+            raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
     return failing
 
 @pytest.mark.parametrize("fails,done", [("step", 5), ("validation", 3)])
@@ -170,7 +170,10 @@ def test_a_failure_keeps_the_steps_done(cache, run, tmp_path, monkeypatch, capsy
         run_in_process(cache, monkeypatch, out, *SHARED)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the failed run left its Ctrl-C handler in place
     what = "step 6" if fails == "step" else "validation at step 3"
-    assert f"{what} failed; the {done} steps done are in" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{what} failed; the {done} steps done are in" in err
+    hint = ("--eval_seeds=(0,)" if fails == "validation" else "phase 2 ran out of GPU memory")  # and how to lower it
+    assert hint in err and ("--gradient_checkpointing=True" in err) == (fails == "step"), err
     assert f"step00000{done}.pt" in os.listdir(out / "checkpoints")  # step 5's is not one of the usual (2, 3, 4, 6)
     monkeypatch.undo()
     r = train(cache, out, *SHARED, "--resume")
