@@ -87,9 +87,9 @@ attn_resolutions = (16,)         # feature-map sides recorded for eq. 8 (officia
 style_boost = 1.0                # official code: 2.0 on the style and composed losses in each phase's first half
 id_target = "mean"               # eq. 7's R(B(I_s)): "mean" of all source photos' embeddings, or "own" (official):
                                  # a source sample's own photo, a composed sample its paired source photo
-id_batch_size = None             # eq. 7's samples per pass (None: all of a micro-step's), each pass backpropagated
-                                 # before the next: its decode with gradient, most of phase 2's memory at 512 px,
-                                 # is then held for this many images only; the gradient is the same
+id_batch_size = None             # eq. 7's images decoded with gradient at once (None: all of a micro-step's), each
+                                 # batch backpropagated before the next: the decode, most of phase 2's memory at
+                                 # 512 px, is held for this many images only; the gradient is the same
 id_decode_fp32 = False           # official: decode x0_hat in fp32 and clamp it to the image range before the
                                  # detector and ArcFace (False: the compute dtype, unclamped)
 latent_mask = "bilinear"         # masks to latent size: "bilinear" (soft edges), or "nearest" (official: hard
@@ -605,8 +605,9 @@ def micro_step(phase, boost, drawn=None, backward=None):
     backward -> (the loss, {term: value} for the log, identity samples without a detected face or None without
     eq. 7), all detached. backward(loss) backpropagates (train.py's: scaled for fp16, over accum); None:
     loss.backward(). Eq. 10 is a sum, so its two parts run one after the other, each forward then backward: the
-    UNet pass of every task (eq. 4-6, 8, 11), then eq. 7's second pass and decode (in passes of id_batch_size
-    samples); only one pass's activations are held at a time. The prompts' encodings are cut from the text encoder between them, and their gradient,
+    UNet pass of every task (eq. 4-6, 8, 11), then eq. 7's: its UNet pass, whose output is cut so that its
+    decodes with gradient run and backpropagate id_batch_size images at a time. Only one part's activations
+    (and one batch of decodes) are held at a time. The prompts' encodings are cut from the text encoder between them, and their gradient,
     the two parts' sum, goes back through it last."""
     backward = backward or torch.Tensor.backward
     tasks, noise, t, t_id = drawn or draw_micro_batch(phase, boost)
@@ -639,21 +640,25 @@ def micro_step(phase, boost, drawn=None, backward=None):
     loss = total_loss(recon, attn, none, weight, lambda_attn, lambda_id)  # eq. 10 without eq. 7
     backward(loss)
     loss, missed = loss.detach(), None
-    if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples, id_batch_size of them per pass
+    if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
         rows = [i for i, task in enumerate(tasks) if task.source is not None]
+        sel = to_device(torch.tensor(rows), device)
         owners = to_device(torch.tensor([tasks[i].source for i in rows]), device)
         targets = src_ids[owners] if id_target == "own" else src_id.expand(len(rows), -1)
+        z_t = sd.schedule.add_noise(z0[sel], noise[sel], t_id)  # its second UNet pass, at t_id < t_id_max
+        with autocast:
+            eps = sd.unet(z_t, t_id, context[sel], rows_of(added, sel))
+        eps_cut = eps.detach().requires_grad_()  # the decodes below backpropagate to here, one batch at a time
         n = id_batch_size or len(rows)
         values, found = [], []
         for c in range(0, len(rows), n):
-            sel = to_device(torch.tensor(rows[c:c + n]), device)
-            v, f = identity_term(z0[sel], noise[sel], context[sel], rows_of(added, sel), targets[c:c + n],
-                                 t_id[c:c + n])
-            id_loss = total_loss(none, none, none.index_put((sel,), v), weight, lambda_attn, lambda_id)  # eq. 10's
-            backward(id_loss)  # eq. 7 part, of these samples
+            v, f = identity_term(z_t[c:c + n], eps_cut[c:c + n], t_id[c:c + n], targets[c:c + n])
+            id_loss = total_loss(none, none, none.index_put((sel[c:c + n],), v), weight, lambda_attn, lambda_id)
+            backward(id_loss)  # eq. 10's eq. 7 part, of these samples
             loss = loss + id_loss.detach()
             values.append(v.detach())
             found.append(f)
+        eps.backward(eps_cut.grad)  # then through the UNet pass, once
         values, found = torch.cat(values), torch.cat(found)
         missed = (~found).sum()  # read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
@@ -678,13 +683,10 @@ def object_composed_loss(z_t, eps, t, task, parts):
     parts.append(terms)
     return lambda_ssim * terms["ssim"] + lambda_contra * terms["contra"] + lambda_style * terms["style"]
 
-def identity_term(z0, noise, context, added, targets, t_id):
-    """Eq. 7: a second UNet pass at t_id < t_id_max (same noise), Tweedie's x0, decoded with gradient,
-    cropped at the landmarks the detector finds on a detached copy, through ArcFace, 1 - cos to each
-    sample's target identity -> ((B,) values, 0 where no face was found; (B,) bool: where one was)."""
-    z_t = sd.schedule.add_noise(z0, noise, t_id)
-    with autocast:
-        eps = sd.unet(z_t, t_id, context, added)
+def identity_term(z_t, eps, t_id, targets):
+    """Eq. 7 after its UNet pass (eps, at t_id): Tweedie's x0, decoded with gradient, cropped at the landmarks
+    the detector finds on a detached copy, through ArcFace, 1 - cos to each sample's target identity
+    -> ((B,) values, 0 where no face was found; (B,) bool: where one was)."""
     z0_hat = sd.schedule.predict_x0(z_t, eps.float(), t_id)
     if id_decode_fp32:  # as the official code: fp32, then clamped to the image range
         images = id_decode(z0_hat / scale_factor).float().clamp(-1, 1)

@@ -428,9 +428,9 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     seen = []
     real_identity_term = g["identity_term"]
 
-    def spy(z0, noise, context, added, targets, t_id):
+    def spy(z_t, eps, t_id, targets):
         seen.append(targets)
-        return real_identity_term(z0, noise, context, added, targets, t_id)
+        return real_identity_term(z_t, eps, t_id, targets)
 
     g["identity_term"] = spy
     g["micro_step"](2, 1.0)
@@ -469,7 +469,7 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     with HostReads(cpu=True) as mode:
         g["micro_step"](2, 1.0, drawn)
     assert mode.reads == [], mode.reads
-    # eq. 7 one sample per pass (id_batch_size=1, each pass backpropagated on its own): the same loss and gradient
+    # eq. 7 one image decoded at a time (id_batch_size=1, each backpropagated on its own): the same loss and gradient
     # (the host stand-in detector, which finds its face in every image)
     g["detector"], g["face_files"]["detector"] = None, stand_in
     trained = params + [g["embeds"]]
