@@ -604,11 +604,10 @@ def micro_step(phase, boost, drawn=None, backward=None):
     """One micro-step of the phase (drawn: draw_micro_batch's, else drawn here): eq. 10 over its tasks, forward and
     backward -> (the loss, {term: value} for the log, identity samples without a detected face or None without
     eq. 7), all detached. backward(loss) backpropagates (train.py's: scaled for fp16, over accum); None:
-    loss.backward(). Eq. 10 is a sum, so its two parts run one after the other, each forward then backward: the
-    UNet pass of every task (eq. 4-6, 8, 11), then eq. 7's: its UNet pass, whose output is cut so that its
-    decodes with gradient run and backpropagate id_batch_size images at a time. Only one part's activations
-    (and one batch of decodes) are held at a time. The prompts' encodings are cut from the text encoder between them, and their gradient,
-    the two parts' sum, goes back through it last."""
+    loss.backward(). Eq. 10 is a sum, so its two parts run one after the other, each forward then backward, and
+    only one part's activations are held at a time: the UNet pass of every task (eq. 4-6, 8, 11), then eq. 7's
+    (identity_part). The prompts' encodings are cut from the text encoder between them, and their gradient, the
+    two parts' sum, goes back through it last."""
     backward = backward or torch.Tensor.backward
     tasks, noise, t, t_id = drawn or draw_micro_batch(phase, boost)
     z0 = torch.stack([task.latent for task in tasks])
@@ -626,7 +625,7 @@ def micro_step(phase, boost, drawn=None, backward=None):
                          if task.name == "c" and subject == "object" else
                          masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])  # eq. 4 (s), 5 (r), 6 (c)
                          for i, task in enumerate(tasks)])
-    attn, none = torch.zeros_like(recon), torch.zeros_like(recon)
+    attn, none = torch.zeros_like(recon), torch.zeros_like(recon)  # eq. 8 and eq. 7 where a task has none
     terms = {name: torch.stack([recon[i] for i, task in enumerate(tasks) if task.name == name]).mean()
              for name in dict.fromkeys(task.name for task in tasks)}  # each kind of task's mean over the batch
     terms.update({k: torch.stack([p[k] for p in parts]).mean() for k in (parts[0] if parts else {})})
@@ -641,31 +640,38 @@ def micro_step(phase, boost, drawn=None, backward=None):
     backward(loss)
     loss, missed = loss.detach(), None
     if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
-        rows = [i for i, task in enumerate(tasks) if task.source is not None]
-        sel = to_device(torch.tensor(rows), device)
-        owners = to_device(torch.tensor([tasks[i].source for i in rows]), device)
-        targets = src_ids[owners] if id_target == "own" else src_id.expand(len(rows), -1)
-        z_t = sd.schedule.add_noise(z0[sel], noise[sel], t_id)  # its second UNet pass, at t_id < t_id_max
-        with autocast:
-            eps = sd.unet(z_t, t_id, context[sel], rows_of(added, sel))
-        eps_cut = eps.detach().requires_grad_()  # the decodes below backpropagate to here, one batch at a time
-        n = id_batch_size or len(rows)
-        values, found = [], []
-        for c in range(0, len(rows), n):
-            v, f = identity_term(z_t[c:c + n], eps_cut[c:c + n], t_id[c:c + n], targets[c:c + n])
-            id_loss = total_loss(none, none, none.index_put((sel[c:c + n],), v), weight, lambda_attn, lambda_id)
-            backward(id_loss)  # eq. 10's eq. 7 part, of these samples
-            loss = loss + id_loss.detach()
-            values.append(v.detach())
-            found.append(f)
-        eps.backward(eps_cut.grad)  # then through the UNet pass, once
-        values, found = torch.cat(values), torch.cat(found)
-        missed = (~found).sum()  # read on logging steps only
+        id_loss, values, found = identity_part(tasks, z0, noise, context, added, t_id, weight, backward)
+        loss, missed = loss + id_loss, (~found).sum()  # missed: read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
     roots = [(x, leaf.grad) for x, leaf in zip(tensors_of(encoded), tensors_of((context, added))) if leaf.grad is not None]
     if roots:  # the text encoder, once, with both parts' gradient
         torch.autograd.backward(*zip(*roots))
     return loss, {k: v.detach() for k, v in terms.items()}, missed
+
+def identity_part(tasks, z0, noise, context, added, t_id, weight, backward):
+    """Eq. 10's eq. 7 part, forward and backward, on the tasks with an identity (source and composed samples):
+    their second UNet pass at t_id < t_id_max, in one batch, its output cut; then id_batch_size images at a time,
+    the decode with gradient, crop and ArcFace (identity_term), backpropagated to the cut; then the UNet pass,
+    once. -> (the part, (B,) eq. 7 values, (B,) where a face was found), detached."""
+    rows = [i for i, task in enumerate(tasks) if task.source is not None]
+    sel = to_device(torch.tensor(rows), device)
+    owners = to_device(torch.tensor([tasks[i].source for i in rows]), device)
+    targets = src_ids[owners] if id_target == "own" else src_id.expand(len(rows), -1)
+    z_t = sd.schedule.add_noise(z0[sel], noise[sel], t_id)
+    with autocast:
+        eps = sd.unet(z_t, t_id, context[sel], rows_of(added, sel))
+    eps_cut = eps.detach().requires_grad_()
+    none = torch.zeros(len(tasks), device=device)
+    part, values, found, n = 0.0, [], [], id_batch_size or len(rows)
+    for c in range(0, len(rows), n):
+        v, f = identity_term(z_t[c:c + n], eps_cut[c:c + n], t_id[c:c + n], targets[c:c + n])
+        id_loss = total_loss(none, none, none.index_put((sel[c:c + n],), v), weight, lambda_attn, lambda_id)
+        backward(id_loss)
+        part = part + id_loss.detach()
+        values.append(v.detach())
+        found.append(f)
+    eps.backward(eps_cut.grad)
+    return part, torch.cat(values), torch.cat(found)
 
 def object_composed_loss(z_t, eps, t, task, parts):
     """Eq. 11 (supplement, "General Object"; after Kwon & Ye's DiffuseIT): the composed sample has no pseudo-label,
