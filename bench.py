@@ -84,6 +84,8 @@ pipe = diffusers.StableDiffusionPipeline.from_pretrained(tmp.name, dtype=tdtype,
 pipe.scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          steps_offset=1, set_alpha_to_one=False, clip_sample=False)  # SD1.5's
 pipe.set_progress_bar_config(disable=True)
+for m in (pipe.unet, pipe.vae, pipe.text_encoder):  # frozen, as ours loads them (diffusers leaves them trainable;
+    m.requires_grad_(False)                        # its training scripts freeze them): no weight gradients
 # diffusers' default attention is SDPA; make sure nothing fell back to the slow math processor
 assert all(isinstance(p, AttnProcessor2_0) for m in (pipe.unet, pipe.vae) for p in m.attn_processors.values())
 
