@@ -833,8 +833,8 @@ def memory_hint(error, phase, validation=False):
     if not isinstance(error, torch.OutOfMemoryError):
         return None
     if validation:
-        return (f"validation draws {len(val_prompts) * len(eval_seeds)} images in one batch (its 4 prompts x "
-                f"eval_seeds={eval_seeds}): fewer seeds, e.g. --eval_seeds=(0,), draw fewer")
+        return (f"validation ran out of GPU memory: it draws {len(val_prompts) * len(eval_seeds)} images in one batch "
+                f"({len(val_prompts)} prompts x eval_seeds={eval_seeds}); fewer seeds draw fewer (--eval_seeds=(0,))")
     ways = []
     if phase == 2 and lambda_id > 0 and id_batch_size != 1:
         ways.append("--id_batch_size=1: eq. 7 decodes one image at a time (its decode is most of phase 2's memory)")
