@@ -993,14 +993,15 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
 
         # log, evaluate, checkpoint: the host reads the terms only on these steps (no sync in between)
         done = step + 1
+        stop = stop_requested  # read once: a Ctrl-C from here on stops after the next step (which it checkpoints)
         if world > 1:  # Ctrl-C reaches the processes at different moments: stop when any of them was asked to
-            flag = torch.tensor([float(stop_requested)])
+            flag = torch.tensor([float(stop)])
             dist.all_reduce(flag, group=host_group)
-            stop_requested = flag.item() > 0
+            stop = flag.item() > 0
         last = done == first + steps
         evaluate_now = done % eval_interval == 0 or last
         log_now = done % log_interval == 0 or evaluate_now
-        checkpoint_now = done % ckpt_interval == 0 or last or stop_requested
+        checkpoint_now = done % ckpt_interval == 0 or last or stop
         if log_now or checkpoint_now:
             if world > 1:  # every process logs the same terms (the whole batch's), so all stop together on a NaN
                 keys = sorted(logged)
@@ -1055,7 +1056,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             t = time.time()
             save_checkpoint(done, phase)
             paused += time.time() - t
-        if stop_requested and done < total_steps:
+        if stop and done < total_steps:
             bar.close()
             if world > 1:
                 dist.destroy_process_group()

@@ -269,6 +269,25 @@ def test_ctrl_c_writes_a_checkpoint(cache, tmp_path):
     assert f"stopped at step {last}" in err and "--resume" in err
     assert "Traceback" not in err
 
+def test_ctrl_c_while_logging_stops_at_a_checkpoint(cache, tmp_path, monkeypatch):
+    """A Ctrl-C that arrives after a step decided whether to checkpoint (here: while its log line is written)
+    stops after the next step, which it checkpoints; the run never stops at a step without its checkpoint."""
+    real_dumps = json.dumps
+
+    def dumps(obj, *args, **kwargs):  # the Ctrl-C, raised in the middle of step 4's log line
+        if isinstance(obj, dict) and obj.get("step") == 4 and "loss" in obj:
+            signal.raise_signal(signal.SIGINT)
+        return real_dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr(json, "dumps", dumps)
+    out = tmp_path / "int"
+    with pytest.raises(SystemExit) as stopped:
+        run_in_process(cache, monkeypatch, out, "--phase1_steps=2", "--phase2_steps=4", "--ckpt_interval=1000")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the run's handler would outlive it
+    assert stopped.value.code == 130
+    assert [r["step"] for r in log(out)] == [1, 2, 3, 4, 5]
+    assert sorted(os.listdir(out / "checkpoints"))[-1] == "step000005.pt"
+
 def test_checkpoint_write_failure_keeps_the_previous(cache, tmp_path, monkeypatch):
     """A checkpoint that cannot be written (a full disk) stops with the path and 'disk full?', removes the
     partial file and keeps the previous checkpoint."""
