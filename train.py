@@ -357,8 +357,8 @@ if attn_resolutions and not set(attn_resolutions) & set(attn_sides):
     raise SystemExit(f"attn_resolutions={attn_resolutions} matches no cross-attention layer at resolution "
                      f"{resolution}: its maps are {attn_sides} on a side (pick from those)")
 sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
-if compile:  # in place, so parameter names and checkpoints are unchanged; LoRA added later recompiles once
-    sd.unet.compile()
+if compile:  # in place, so parameter names and checkpoints are unchanged; LoRA added later recompiles once.
+    sd.unet.compile(dynamic=False)  # static shapes: one graph per batch size a run uses (at most 4), none symbolic
 autocast = torch.autocast(device_type="cuda", dtype=ptdtype, enabled=(device.startswith("cuda") and dtype != "fp32"))
 scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "fp16"))  # fp16 needs loss scaling; bf16 does not
 T = sd.schedule.config.num_train_timesteps
@@ -505,7 +505,7 @@ if lambda_id > 0:  # the ArcFace eq. 7 backpropagates through, and each source p
     except (NotImplementedError, RuntimeError) as e:
         detector = None
         print(f"faces: the identity loss's detector runs with onnxruntime on the host ({e})")
-    id_decode = torch.compile(id_vae.decode) if compile else id_vae.decode
+    id_decode = torch.compile(id_vae.decode, dynamic=False) if compile else id_vae.decode
 
 # -----------------------------------------------------------------------------
 # one micro-step: a source and a reference photo, the prompts of the phase, the loss terms
