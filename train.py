@@ -586,19 +586,13 @@ def draw_micro_batch(phase, boost):
             t_id.append(torch.randint(1, min(t_id_max, phase2_t_max), (n,), generator=gen))
     return tasks, torch.cat(noise), to_device(torch.cat(t), device), to_device(torch.cat(t_id), device) if t_id else None
 
-def tensors_of(x):
-    """The tensors of a nest of tuples and dicts (condition()'s output), in order."""
-    if isinstance(x, torch.Tensor):
-        return [x]
-    return [t for v in (x.values() if isinstance(x, dict) else x or ()) for t in tensors_of(v)]
-
-def cut(x):
-    """x with each tensor replaced by a leaf of the same value: a backward pass stops there, in its .grad."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().requires_grad_(x.requires_grad)
-    if isinstance(x, dict):
-        return {k: cut(v) for k, v in x.items()}
-    return None if x is None else tuple(cut(v) for v in x)
+def cut(encoded):
+    """condition()'s (context, added_cond) with each tensor replaced by a leaf of the same value, where a backward
+    pass stops (in the leaf's .grad) -> (the cut pair, [(tensor, its leaf)])."""
+    context, added = encoded
+    pairs = [(x, x.detach().requires_grad_(x.requires_grad)) for x in [context, *(added or {}).values()]]
+    leaves = [leaf for _, leaf in pairs]
+    return (leaves[0], None if added is None else dict(zip(added, leaves[1:]))), pairs
 
 def micro_step(phase, boost, drawn=None, backward=None):
     """One micro-step of the phase (drawn: draw_micro_batch's, else drawn here): eq. 10 over its tasks, forward and
@@ -615,9 +609,8 @@ def micro_step(phase, boost, drawn=None, backward=None):
     record = phase == 2 and lambda_attn > 0
     rec = AttentionRecorder(to_device(sd.tokenizer(prompts), device), ids, attn_resolutions if record else ())  # () records nothing
     z_t = sd.schedule.add_noise(z0, noise, t)
-    with autocast:
-        encoded = condition(prompts)  # (context, added_cond or None), with gradient to the learned rows
-    context, added = cut(encoded)
+    with autocast:  # (context, added_cond or None), with gradient to the learned rows, cut from the text encoder
+        (context, added), pairs = cut(condition(prompts))
     with autocast, sd.unet.record_attention(rec):
         pred = sd.unet(z_t, t, context, added)
     parts = []  # eq. 11's terms of each composed object sample
@@ -643,7 +636,7 @@ def micro_step(phase, boost, drawn=None, backward=None):
         id_loss, values, found = identity_part(tasks, z0, noise, context, added, t_id, weight, backward)
         loss, missed = loss + id_loss, (~found).sum()  # missed: read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
-    roots = [(x, leaf.grad) for x, leaf in zip(tensors_of(encoded), tensors_of((context, added))) if leaf.grad is not None]
+    roots = [(x, leaf.grad) for x, leaf in pairs if leaf.grad is not None]
     if roots:  # the text encoder, once, with both parts' gradient
         torch.autograd.backward(*zip(*roots))
     return loss, {k: v.detach() for k, v in terms.items()}, missed
@@ -828,26 +821,26 @@ def keep_done(step, phase, what, gen_state=None):
     print(f"\n{what} failed; the {step} steps done are in {checkpoints()[-1]}: fix the cause below and run again "
           "with --resume", file=sys.stderr, flush=True)
 
-def memory_hint(error, phase, validation=False):
-    """For a run out of GPU memory: the settings that lower it, keeping the batch; else None."""
+def say_memory_hint(error, phase, validation=False):
+    """For a run out of GPU memory: print the settings that lower it, keeping the update."""
     if not isinstance(error, torch.OutOfMemoryError):
-        return None
+        return
     if validation:
-        return (f"validation ran out of GPU memory: it draws {len(val_prompts) * len(eval_seeds)} images in one batch "
-                f"({len(val_prompts)} prompts x eval_seeds={eval_seeds}); fewer seeds draw fewer (--eval_seeds=(0,))")
-    ways = []
-    if phase == 2 and lambda_id > 0 and id_batch_size != 1:
-        ways.append("--id_batch_size=1: eq. 7 decodes one image at a time (its decode is most of phase 2's memory)")
-    if micro_batch[phase] > 1:
-        how = "--phase1_batch_size" if phase == 1 else "--batch_size with a larger --grad_accum (the same product)"
-        ways.append(f"a smaller {how}: more micro-steps of fewer draws, the same batch (now {accum[phase]} "
-                    f"micro-step(s) of {micro_batch[phase]} draws)")
-    if not gradient_checkpointing:
-        ways.append("--gradient_checkpointing=True: recompute activations in the backward pass instead of holding them")
-    if not ways:
-        return f"phase {phase} ran out of GPU memory at its smallest settings: a GPU with more memory is needed"
-    return f"phase {phase} ran out of GPU memory; each of these lowers it, the update staying the same:\n  " + \
-        "\n  ".join(ways)
+        where, ways = "validation", [f"fewer seeds: it draws {len(val_prompts)} prompts x eval_seeds={eval_seeds} in "
+                                     "one batch (--eval_seeds=(0,): one seed)"]
+    else:
+        where, ways = f"phase {phase}", []
+        if phase == 2 and lambda_id > 0 and id_batch_size != 1:
+            ways.append("--id_batch_size=1: eq. 7 decodes one image at a time (its decode is most of phase 2's memory)")
+        if micro_batch[phase] > 1:
+            how = "--phase1_batch_size" if phase == 1 else "--batch_size with a larger --grad_accum (the same product)"
+            ways.append(f"a smaller {how}: more micro-steps of fewer draws, the same batch (now {accum[phase]} "
+                        f"micro-step(s) of {micro_batch[phase]} draws)")
+        if not gradient_checkpointing:
+            ways.append("--gradient_checkpointing=True: recompute activations in the backward pass, not hold them")
+    print(f"{where} ran out of GPU memory; " + ("each of these lowers it:\n  " + "\n  ".join(ways) if ways else
+                                               "at its smallest settings: a GPU with more memory is needed"),
+          file=sys.stderr, flush=True)
 
 def plot_losses(log_path, png_path):
     import matplotlib
@@ -974,9 +967,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         except Exception as e:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
             if master and step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
                 keep_done(step, phase, f"step {step + 1}", gen_before)
-            hint = memory_hint(e, phase)
-            if hint:
-                print(hint, file=sys.stderr, flush=True)
+            say_memory_hint(e, phase)
             raise
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
             for p in trainable:
@@ -1041,9 +1032,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 except Exception as e:
                     append_log(row)
                     keep_done(done, phase, f"validation at step {done}")
-                    hint = memory_hint(e, phase, validation=True)
-                    if hint:
-                        print(hint, file=sys.stderr, flush=True)
+                    say_memory_hint(e, phase, validation=True)
                     raise
                 bar.set_description_str("")
                 row["eval_seconds"] = round(time.time() - t_row, 2)
