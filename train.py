@@ -572,9 +572,9 @@ def draw_tasks(phase, boost):
     return tasks
 
 def draw_micro_batch(phase, boost):
-    """micro_batch[phase] draws of the phase's tasks, each followed by its noise and timesteps (and eq. 7's own timesteps
-    for its samples with an identity), so that a draw is the same whether it runs in a batch, in a micro-step
-    of its own, or in another process -> (tasks, noise, t, t_id or None)."""
+    """micro_batch[phase] draws of the phase's tasks, each followed by its noise and timesteps (and eq. 7's own
+    timesteps for its samples with an identity), so that a draw is the same whether it runs in a batch, in a
+    micro-step of its own, or in another process -> (tasks, noise, t, t_id or None)."""
     tasks, noise, t, t_id = [], [], [], []
     for _ in range(micro_batch[phase]):
         drawn = draw_tasks(phase, boost)
