@@ -87,7 +87,7 @@ attn_resolutions = (16,)         # feature-map sides recorded for eq. 8 (officia
 style_boost = 1.0                # official code: 2.0 on the style and composed losses in each phase's first half
 id_target = "mean"               # eq. 7's R(B(I_s)): "mean" of all source photos' embeddings, or "own" (official):
                                  # a source sample's own photo, a composed sample its paired source photo
-id_batch_size = None             # eq. 7's images decoded with gradient at once (None: all of a micro-step's), each
+id_batch_size = 1                # eq. 7's images decoded with gradient at once (None: all of a micro-step's), each
                                  # batch backpropagated before the next: the decode, most of phase 2's memory at
                                  # 512 px, is held for this many images only; the gradient is the same
 id_decode_fp32 = False           # official: decode x0_hat in fp32 and clamp it to the image range before the

@@ -436,9 +436,10 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     params = lora.lora_parameters(g["sd"].unet)
     for p in params:
         p.grad = None
-    parts = []  # eq. 10's two parts, backpropagated one after the other: here only the second, eq. 7's
-    g["micro_step"](2, 1.0, None, lambda loss: parts.append(loss) or (len(parts) == 2 and loss.backward()))
-    assert len(parts) == 2 and sum(p.grad.abs().sum().item() for p in params if p.grad is not None) > 0
+    parts = []  # eq. 10's parts, backpropagated one after the other: eq. 4-6 and 8, then eq. 7 one image at a
+    # time (id_batch_size=1, the default) for the source and the composed sample; here only eq. 7's
+    g["micro_step"](2, 1.0, None, lambda loss: parts.append(loss) or (len(parts) > 1 and loss.backward()))
+    assert len(parts) == 3 and sum(p.grad.abs().sum().item() for p in params if p.grad is not None) > 0
     # source_face_crop crops the sources around their faces; the references keep their whole composition
     import data
     assert all(p.square == data.square_around(p.photo.size) for p in g["references"])
@@ -452,6 +453,7 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
         return real_identity_term(z_t, eps, t_id, targets)
 
     g["identity_term"] = spy
+    g["id_batch_size"] = None  # both samples in one call
     g["micro_step"](2, 1.0)
     assert torch.equal(seen[-1], g["src_id"].expand(2, -1))
     g["id_target"] = "own"
@@ -484,6 +486,7 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     # a whole phase-2 micro-step with that detector, eq. 7 and eq. 8, forward and backward, reads nothing back:
     # no .item(), no data-sized output (on the CPU; on a GPU each would wait for the device)
     drawn = g["draw_micro_batch"](2, 1.0)  # the draw is host work by design, before the step
+    g["id_batch_size"] = 1  # the default: one decode at a time
     from test_faces import HostReads
     with HostReads(cpu=True) as mode:
         g["micro_step"](2, 1.0, drawn)
@@ -509,7 +512,7 @@ def test_official_decode_clamps_the_image(cache, tmp_path, face_models, monkeypa
     """id_decode_fp32 (official) hands the detector and ArcFace x0_hat clamped to the image range; without it
     the tiny random VAE's decode runs past [-1, 1]."""
     g = run_in_process(cache, monkeypatch, tmp_path / "fp32", "--phase1_steps=1", "--phase2_steps=1",
-                       "--lambda_id=1.0", "--id_decode_fp32=True", *face_args(face_models))
+                       "--lambda_id=1.0", "--id_decode_fp32=True", "--id_batch_size=None", *face_args(face_models))
     ranges = []
     real_crop = g["faces"].arcface_crop
     monkeypatch.setattr(g["faces"], "arcface_crop", lambda images, lm: ranges.append(
