@@ -1035,8 +1035,9 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                     say_memory_hint(e, phase, validation=True)
                     raise
                 bar.set_description_str("")
-                row["eval_seconds"] = round(time.time() - t_row, 2)
-                paused += time.time() - t_row
+                seconds = time.time() - t_row  # the validation's
+                row["eval_seconds"] = round(seconds, 2)
+                paused += seconds
             append_log(row)
             mfu = {"mfu": f"{row['mfu']:.0%}"} if peak_tflops else {}
             bar.set_postfix(phase=phase, loss=f"{row['loss']:.4f}", **mfu)
