@@ -13,6 +13,7 @@ Paper: Hyung, Shin, Choo, "MagiCapture", AAAI 2024 (equations cited below).
 
 import contextlib
 import copy
+import gc
 import glob
 import json
 import os
@@ -121,7 +122,9 @@ color_jitter = 0.0               # official: ColorJitter(brightness=0.1, contras
 # optimisation
 grad_accum = 4                   # paper: batch 1, gradient accumulation 4
 batch_size = 1                   # draws of a source and a reference photo (and their tasks) run as one UNet pass;
-                                 # batch_size=4, grad_accum=1 gives the paper's batch of 4 in one pass per step
+                                 # batch_size=4, grad_accum=1 gives the paper's batch of 4 in one pass per step. A
+                                 # pass that runs out of GPU memory is redone as more passes of fewer draws (one
+                                 # process; the same draws and expected update), and so are the phase's next steps
 phase1_batch_size = None         # phase 1's draws per pass (None: batch_size), with as many micro-steps as keep
                                  # its step's batch_size * grad_accum draws; phase 1 (no eq. 7, no attention maps)
                                  # needs far less memory per draw than phase 2
@@ -888,6 +891,48 @@ def eager():
     """Where compile is on, run what is inside without compiling."""
     return torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext()
 
+def accumulate(phase, boost, trainable):
+    """A step's micro-steps (this process's share), each drawn, run and backpropagated; their gradients summed in
+    the parameters' .grad -> (the step's mean terms for the log, on the device; eq. 7's missed faces or None)."""
+    logged, missed = {}, None
+    for micro in range(accum[phase]):
+        drawn = draw_micro_batch(phase, boost)  # every process draws every micro-step: they stay in step
+        if micro % world != rank:
+            continue  # another process's share
+        if phase not in micro_flop:
+            micro_flop[phase] = micro_step_flops(phase, boost, drawn, trainable)
+        # each micro-step's gradient is summed on its own, then added to the step's: the float sums are then
+        # the same as where other processes run some of the micro-steps (whose sums all_reduce adds)
+        held = [p.grad for p in trainable]
+        opt.zero_grad(set_to_none=True)
+        total, terms, skipped = micro_step(phase, boost, drawn,
+                                           lambda loss: scaler.scale(loss / accum[phase]).backward())
+        for p, g in zip(trainable, held):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
+            key = f"loss_{name}" if name else "loss"
+            logged[key] = logged.get(key, 0.0) + v.detach().float() / accum[phase]
+        if skipped is not None:  # (a tensor: `missed or 0` would read it back)
+            missed = skipped if missed is None else missed + skipped
+    return logged, missed
+
+def fewer_draws_per_pass(phase, step):
+    """After a step ran out of GPU memory: the phase's passes take the next smaller divisor of the step's draws, in
+    as many more passes, for the rest of the run (the same draws, the same expected update). The step's gradients
+    are dropped; it is then redone from its first draw."""
+    n = micro_batch[phase]
+    micro_batch[phase] = max(d for d in range(1, n) if draws % d == 0)
+    accum[phase] = draws // micro_batch[phase]
+    micro_flop.pop(phase, None)  # counted at the old pass size
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)  # the log's peak_gib: of the passes that fit
+    print(f"\nphase {phase} ran out of GPU memory at {n} draws per pass: from step {step + 1} on, its steps run "
+          f"{accum[phase]} passes of {micro_batch[phase]} (the same {draws} draws per step)", file=sys.stderr, flush=True)
+
 # Ctrl-C: finish the step under way, write a checkpoint, say how to resume; a second Ctrl-C quits at once
 stop_requested = False
 
@@ -941,34 +986,22 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
     for step in range(max(start, first), first + steps):
         boost = style_boost if step - first < steps / 2 else 1.0
         # draw the step's micro-batches, backpropagate each, then one optimiser step; the terms stay on the device
-        logged, missed = {}, None
-        gen_before = gen.get_state()  # where this step's draws start, for a checkpoint if its passes fail
-        try:
-            for micro in range(accum[phase]):
-                drawn = draw_micro_batch(phase, boost)  # every process draws every micro-step: they stay in step
-                if micro % world != rank:
-                    continue  # another process's share
-                if phase not in micro_flop:
-                    micro_flop[phase] = micro_step_flops(phase, boost, drawn, trainable)
-                # each micro-step's gradient is summed on its own, then added to the step's: the float sums are then
-                # the same as where other processes run some of the micro-steps (whose sums all_reduce adds)
-                held = [p.grad for p in trainable]
-                opt.zero_grad(set_to_none=True)
-                total, terms, skipped = micro_step(phase, boost, drawn,
-                                                   lambda loss: scaler.scale(loss / accum[phase]).backward())
-                for p, g in zip(trainable, held):
-                    if g is not None:
-                        p.grad = g if p.grad is None else p.grad.add_(g)
-                for name, v in dict(terms, **{"": total}).items():  # "": the total, the log's "loss"
-                    key = f"loss_{name}" if name else "loss"
-                    logged[key] = logged.get(key, 0.0) + v.detach().float() / accum[phase]
-                if skipped is not None:  # (a tensor: `missed or 0` would read it back)
-                    missed = skipped if missed is None else missed + skipped
-        except Exception as e:  # out of GPU memory, say: the steps done so far are kept, then the error is shown
-            if master and step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
-                keep_done(step, phase, f"step {step + 1}", gen_before)
-            say_memory_hint(e, phase)
-            raise
+        gen_before = gen.get_state()  # where this step's draws start: to redo them, or for a checkpoint
+        while True:
+            try:
+                logged, missed = accumulate(phase, boost, trainable)
+                break
+            except Exception as e:
+                # out of GPU memory in passes of several draws (one process): the step is redone in smaller passes;
+                # any other failure: the steps done so far are kept, then the error is shown
+                if not (isinstance(e, torch.OutOfMemoryError) and world == 1 and micro_batch[phase] > 1):
+                    if master and step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
+                        keep_done(step, phase, f"step {step + 1}", gen_before)
+                    say_memory_hint(e, phase)
+                    raise
+            # (here, out of the except block, the failed passes' tensors are freed)
+            fewer_draws_per_pass(phase, step)
+            gen.set_state(gen_before)
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
             for p in trainable:
                 dist.all_reduce(p.grad)

@@ -816,20 +816,41 @@ def test_object_mode_trains_the_composed_terms(cache, objects, tmp_path, monkeyp
     assert end[1]["style"] < end[0]["style"], end
 
 
-def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch):
+def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch, capsys):
     """batch_size=4 in one UNet pass and grad_accum=4 micro-steps of one draw each take the same draws and end
     with the same weights, within float tolerance (batched matmuls round differently); so does phase 1 in one
-    pass of 4 (phase1_batch_size=4) before phase 2's 4 micro-steps."""
+    pass of 4 (phase1_batch_size=4) before phase 2's 4 micro-steps. A pass of 4 that runs out of GPU memory is
+    redone as 2 passes of 2, as is the rest of its phase: bit-identical to a run of 2 x 2 from the start."""
     final, flop = {}, {}
-    for name, batch, accum, first in (("4", 4, 1, None), ("1", 1, 4, None), ("4+1", 1, 4, 4)):
+    real, large = model.UNet.forward, []
+
+    def small_memory(unet, x, *args, **kwargs):
+        """A card that holds 6 samples in a pass with gradient, save for the first larger pass (phase 1's FLOP
+        count), so that memory runs out after a count (phase 1) as well as during one (phase 2)."""
+        if torch.is_grad_enabled() and len(x) > 6:
+            large.append(1)
+            if len(large) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (a stand-in)")
+        return real(unet, x, *args, **kwargs)
+    for name, batch, accum, first in (("4", 4, 1, None), ("1", 1, 4, None), ("4+1", 1, 4, 4), ("2", 2, 2, None),
+                                      ("4 on 6", 4, 1, None)):
         out = tmp_path / f"b{name}"
+        if name == "4 on 6":  # phase 1 draws 2 samples (source, reference), phase 2 three (and the composed)
+            monkeypatch.setattr(model.UNet, "forward", small_memory)
         g = run_in_process(cache, monkeypatch, out, "--phase1_steps=2", "--phase2_steps=2", f"--batch_size={batch}",
                            f"--grad_accum={accum}", f"--phase1_batch_size={first}")
         final[name] = {**load_file(str(out / "pytorch_lora_weights.safetensors")),
                        **load_file(str(out / "learned_embeds.safetensors"))}
         flop[name] = [r["gflop"] for r in log(out)]
-    assert flop["4"] == flop["1"] == flop["4+1"], flop  # a step's FLOPs: one micro-step of 4 draws, or four of one
-    assert g["accum"] == {1: 1, 2: 4} and g["micro_batch"] == {1: 4, 2: 1}
+        if name == "4+1":
+            assert g["accum"] == {1: 1, 2: 4} and g["micro_batch"] == {1: 4, 2: 1}
+    assert flop["4"] == flop["1"] == flop["4+1"] == flop["2"] == flop["4 on 6"], flop  # the same FLOPs per step
+    err = capsys.readouterr().err
+    for phase, step in ((1, 1), (2, 3)):
+        assert (f"phase {phase} ran out of GPU memory at 4 draws per pass: from step {step} on, its steps run 2 "
+                "passes of 2") in err, err
+    assert g["accum"] == g["micro_batch"] == {1: 2, 2: 2}
+    assert all(torch.equal(final["4 on 6"][k], final["2"][k]) for k in final["2"])
     # the mfu's peaks, by the names torch reports; variants that are not listed get none (no wrong peak)
     peaks = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40": 181,
              "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "NVIDIA GeForce RTX 4090 D": None,
