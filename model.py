@@ -1041,7 +1041,7 @@ class AutoencoderKL(nn.Module):
             # Decoding samples on the CPU: oneDNN's convolutions run a fifth faster on channels-last tensors, and
             # the CPU's GroupNorm keeps that layout. CUDA's GroupNorm copies it back to NCHW at every norm, so there
             # the latents stay as they are; so they do for eq. 7's decode with gradient, whose backward gains less
-            # and whose sums then depend on how many images are decoded at once.
+            # and whose sums would then depend more on how many images are decoded at once.
             z = z.contiguous(memory_format=torch.channels_last)
         h = checkpointed(ckpt, lambda x: run_mid_block(d.mid_block, x), d.conv_in(self.post_quant_conv(z)))
         for block in d.up_blocks:
