@@ -999,7 +999,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                         keep_done(step, phase, f"step {step + 1}", gen_before)
                     say_memory_hint(e, phase)
                     raise
-            # (here, out of the except block, the failed passes' tensors are freed)
+            # (out of the except block: the error no longer holds the failed passes' tensors, which can be freed)
             fewer_draws_per_pass(phase, step)
             gen.set_state(gen_before)
         if world > 1:  # each process holds its share of the sum over micro-steps: add them up
