@@ -294,9 +294,25 @@ def test_count_flops_counts_cpu_attention(tiny_dir):
         with sdpa_kernel(backend), model.count_flops() as counter:
             sd.unet(x, t, ctx).square().mean().backward()
         counters.append(counter)
-    attention = counters[0].get_flop_counts()["Global"][torch.ops.aten._scaled_dot_product_flash_attention_for_cpu]
+    attention = counters[0].by_op[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu]
     assert attention > 0
     assert counters[0].get_total_flops() == counters[1].get_total_flops() + attention // 2
+
+def test_count_flops_equals_torch(tiny_dir):
+    """count_flops gives torch's FlopCounterMode's count, op by op, of what a training step runs: the text
+    encoder, a UNet forward+backward and a VAE decode with gradient (nearest upsampling and silu's backward, which
+    torch's counter runs decomposed, count nothing either way)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sd = load(tiny_dir)
+    sd.requires_grad_(True)
+    ids = sd.tokenizer(["a photo of a person"] * 2)
+    x, t, z = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(1, 4, 8, 8, requires_grad=True)
+    ours, theirs = model.count_flops(), FlopCounterMode(display=False)
+    for counter in (ours, theirs):
+        with counter:
+            sd.unet(x, t, sd.text_encoder(ids)).square().mean().backward()
+            sd.vae.decode(z).square().mean().backward()
+    assert ours.by_op == theirs.get_flop_counts()["Global"] and ours.get_total_flops() > 0
 
 def test_cross_attention_sides_are_the_recorded_ones():
     """UNet.cross_attention_sides gives the sides at which a recorder asking for every side records, for the SD1.5
