@@ -743,8 +743,9 @@ class AttentionRecorder:
         B = self.select.shape[0]
         probs = probs.view(B, -1, hw[0] * hw[1], probs.shape[-1])  # (B, heads, hw, 77)
         cols = probs @ self.select.to(probs)[:, None]  # (B, heads, hw, K)
-        self.maps.append(cols.view(B, cols.shape[1], hw[0], hw[1], -1))
-        self.names.append(name)
+        if name not in self.names:  # a second report: the layer's recomputation under gradient checkpointing
+            self.maps.append(cols.view(B, cols.shape[1], hw[0], hw[1], -1))
+            self.names.append(name)
 
 class Attention(nn.Module):
     def __init__(self, dim, heads, context_dim=None, bias=False):
@@ -903,11 +904,24 @@ class UNet(nn.Module):
                 m.recorder = None
 
     def _run(self, module, *args):
-        # A block whose attention is being recorded is not checkpointed: its recomputation would run
-        # without the recorder (and record twice), and the recorded probabilities stay in memory anyway.
         rec = module.transformer_blocks[0].attn2.recorder if isinstance(module, Transformer2DModel) else None
-        recording = rec is not None and rec.wants(args[0].shape[-2:])
-        return checkpointed(self.gradient_checkpointing and not recording, module, *args)
+        if rec is None or not rec.wants(args[0].shape[-2:]):
+            return checkpointed(self.gradient_checkpointing, module, *args)
+        if torch.compiler.is_compiling():  # it cannot trace a checkpointed block that reports to the recorder
+            return module(*args)
+        # A checkpointed block runs again in the backward pass, after record_attention has detached the
+        # recorder: the recorder goes with it, so that it takes the same path (explicit softmax). Its maps keep
+        # their gradient (non-reentrant checkpointing recomputes them too); the recorder ignores the second report.
+        def run(*a):
+            before = module.transformer_blocks[0].attn2.recorder
+            for b in module.transformer_blocks:
+                b.attn2.recorder = rec
+            try:
+                return module(*a)
+            finally:
+                for b in module.transformer_blocks:
+                    b.attn2.recorder = before
+        return checkpointed(self.gradient_checkpointing, run, *args)
 
     def cross_attention_sides(self, side):
         """The sides of the cross-attention maps for square latents of this side, largest first (what an

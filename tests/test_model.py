@@ -339,7 +339,7 @@ def test_gradient_checkpointing_same_gradients(tiny_dir):
     x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
     ids = torch.randint(0, 100, (1, 77))
     for resolutions in ((), (8,)):
-        grads = []
+        grads, names = [], []
         for ckpt in (False, True):
             sd.unet.gradient_checkpointing = ckpt
             sd.unet.zero_grad()
@@ -348,7 +348,9 @@ def test_gradient_checkpointing_same_gradients(tiny_dir):
                 loss = sd.unet(x, 10, ctx).square().mean() + sum(m.square().sum() for m in rec.maps)
             loss.backward()
             grads.append(sd.unet.conv_in.weight.grad.clone())
+            names.append(list(rec.names))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), resolutions
+        assert names[0] == names[1]  # each layer once, though the checkpointed ones ran again in the backward
     z = torch.randn(1, 4, 8, 8, requires_grad=True)
     grads = []
     for ckpt in (False, True):  # the VAE decoder, as the identity loss uses it
