@@ -676,7 +676,7 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x, temb=None):
         # Without autograd (sampling, decoding) the activations and the residual sum overwrite their inputs:
-        # fewer fresh buffers, which takes a tenth off the VAE decode on the CPU. In training silu keeps its input.
+        # fewer fresh buffers, which takes a seventh off the VAE decode on the CPU. In training silu keeps its input.
         inplace = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         if temb is not None:
@@ -1330,12 +1330,12 @@ def save_tower(module, path, meta):
 
 class FlopCounter(TorchDispatchMode):
     """The FLOPs of the ops run inside it, by torch's formulas (torch.utils.flop_counter's registry): the same
-    count as torch's FlopCounterMode (a test compares them op by op), without its memory. That one first runs
-    each op that has a decomposition as the ops it decomposes into (silu's backward as several elementwise ops,
-    each a new tensor), none of which it counts here, and tracks modules with backward hooks on their inputs
+    count as torch's FlopCounterMode (a test compares them op by op), without its memory. FlopCounterMode runs
+    every op that has a decomposition as the ops it decomposes into (silu's backward as several elementwise ops,
+    each a new tensor; none of them has FLOPs to count), and tracks modules with backward hooks on their inputs
     and outputs. Counting live tensor bytes on the meta device (a phase-2 micro-step of SD1.5 at 512 px, one
-    draw), it raised the peak from 16.8 to 18.0 GiB, and with gradient checkpointing from 6.2 to 11.3 GiB;
-    this one leaves both as they are."""
+    draw), the peak under it rose from 16.8 to 18.0 GiB, and with gradient checkpointing from 6.2 to 11.3 GiB;
+    under this one it stays as without a counter."""
 
     def __init__(self):
         super().__init__()
