@@ -930,11 +930,10 @@ def fewer_draws_per_pass(phase, step):
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)  # the log's peak_gib: of the passes that fit
-    start_there = (f"--phase1_batch_size={micro_batch[1]}" if phase == 1 else
-                   f"--batch_size={micro_batch[2]} --grad_accum={accum[2]}")
+    layout = f"--batch_size={micro_batch[2]} --grad_accum={accum[2]} --phase1_batch_size={micro_batch[1]}"
     print(f"\nphase {phase} ran out of GPU memory at {n} draws per pass: from step {step + 1} on, its steps run "
-          f"{accum[phase]} passes of {micro_batch[phase]} (the same {draws} draws per step; {start_there} starts "
-          "there)", file=sys.stderr, flush=True)
+          f"{accum[phase]} passes of {micro_batch[phase]} (the same {draws} draws per step; {layout} "
+          "starts there)", file=sys.stderr, flush=True)
 
 # Ctrl-C: finish the step under way, write a checkpoint, say how to resume; a second Ctrl-C quits at once
 stop_requested = False

@@ -846,7 +846,8 @@ def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch, capsys):
             assert g["accum"] == {1: 1, 2: 4} and g["micro_batch"] == {1: 4, 2: 1}
     assert flop["4"] == flop["1"] == flop["4+1"] == flop["2"] == flop["4 on 6"], flop  # the same FLOPs per step
     err = capsys.readouterr().err
-    for phase, step, flags in ((1, 1, "--phase1_batch_size=2"), (2, 3, "--batch_size=2 --grad_accum=2")):
+    for phase, step, flags in ((1, 1, "--batch_size=4 --grad_accum=1 --phase1_batch_size=2"),
+                               (2, 3, "--batch_size=2 --grad_accum=2 --phase1_batch_size=2")):
         assert (f"phase {phase} ran out of GPU memory at 4 draws per pass: from step {step} on, its steps run 2 "
                 f"passes of 2 (the same 4 draws per step; {flags} starts there)") in err, err
     assert g["accum"] == g["micro_batch"] == {1: 2, 2: 2}
