@@ -1052,7 +1052,8 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             step_seconds = (time.time() - t_row - paused) / (done - step_row)
             t_row, step_row, paused = time.time(), done, 0.0
             step_flop = micro_flop[phase] * accum[phase]  # all processes' micro-steps
-            row.update(step_seconds=round(step_seconds, 4), gflop=round(step_flop / 1e9, 3))
+            row.update(step_seconds=round(step_seconds, 4), gflop=round(step_flop / 1e9, 3),
+                       draws_per_pass=micro_batch[phase])  # fewer after running out of GPU memory
             if peak_tflops:
                 row["mfu"] = round(step_flop / step_seconds / (peak_tflops * 1e12), 4)
             if device.startswith("cuda"):  # the most GPU memory the steps since the last row held

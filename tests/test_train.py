@@ -851,6 +851,8 @@ def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch, capsys):
         assert (f"phase {phase} ran out of GPU memory at 4 draws per pass: from step {step} on, its steps run 2 "
                 f"passes of 2 (the same 4 draws per step; {flags} starts there)") in err, err
     assert g["accum"] == g["micro_batch"] == {1: 2, 2: 2}
+    assert [r["draws_per_pass"] for r in log(tmp_path / "b4 on 6")] == [2, 2, 2, 2]
+    assert [r["draws_per_pass"] for r in log(tmp_path / "b4+1")] == [4, 4, 1, 1]
     assert all(torch.equal(final["4 on 6"][k], final["2"][k]) for k in final["2"])
     # the mfu's peaks, by the names torch reports; variants that are not listed get none (no wrong peak)
     peaks = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40": 181,
