@@ -735,6 +735,7 @@ class AttentionRecorder:
         self.select = torch.stack([(ids == t) for t in token_ids], dim=-1).float()  # (B, 77, K)
         self.resolutions = set(resolutions)
         self.maps, self.names = [], []
+        self.replaying = False  # set while a checkpointed block runs again in the backward pass
 
     def wants(self, hw):
         return min(hw) in self.resolutions or max(hw) in self.resolutions
@@ -743,7 +744,7 @@ class AttentionRecorder:
         B = self.select.shape[0]
         probs = probs.view(B, -1, hw[0] * hw[1], probs.shape[-1])  # (B, heads, hw, 77)
         cols = probs @ self.select.to(probs)[:, None]  # (B, heads, hw, K)
-        if name not in self.names:  # a second report: the layer's recomputation under gradient checkpointing
+        if not self.replaying:  # (a replay computes the same, to rebuild what the backward pass needs)
             self.maps.append(cols.view(B, cols.shape[1], hw[0], hw[1], -1))
             self.names.append(name)
 
@@ -910,15 +911,20 @@ class UNet(nn.Module):
         if torch.compiler.is_compiling():  # it cannot trace a checkpointed block that reports to the recorder
             return module(*args)
         # A checkpointed block runs again in the backward pass, after record_attention has detached the
-        # recorder: the recorder goes with it, so that it takes the same path (explicit softmax). Its maps keep
-        # their gradient (non-reentrant checkpointing recomputes them too); the recorder ignores the second report.
+        # recorder: the recorder goes with it, so that it takes the same path (explicit softmax), and keeps
+        # nothing of that replay. Its maps keep their gradient (non-reentrant checkpointing recomputes them too).
+        calls = []
+
         def run(*a):
             before = module.transformer_blocks[0].attn2.recorder
             for b in module.transformer_blocks:
                 b.attn2.recorder = rec
+            rec.replaying = bool(calls)  # every call after the first is a replay
+            calls.append(1)
             try:
                 return module(*a)
             finally:
+                rec.replaying = False
                 for b in module.transformer_blocks:
                     b.attn2.recorder = before
         return checkpointed(self.gradient_checkpointing, run, *args)

@@ -351,6 +351,11 @@ def test_gradient_checkpointing_same_gradients(tiny_dir):
             names.append(list(rec.names))
         assert torch.allclose(grads[0], grads[1], atol=1e-6), resolutions
         assert names[0] == names[1]  # each layer once, though the checkpointed ones ran again in the backward
+    # a recorder kept over several forward passes (sample.py's, over the sampling steps) keeps each pass's maps
+    with sd.unet.record_attention(rec):
+        for _ in range(2):
+            sd.unet(x, 10, ctx).square().mean().backward()
+    assert rec.names == names[1] * 3
     z = torch.randn(1, 4, 8, 8, requires_grad=True)
     grads = []
     for ckpt in (False, True):  # the VAE decoder, as the identity loss uses it
