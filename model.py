@@ -906,7 +906,7 @@ class UNet(nn.Module):
 
     def _run(self, module, *args):
         rec = module.transformer_blocks[0].attn2.recorder if isinstance(module, Transformer2DModel) else None
-        if rec is None or not rec.wants(args[0].shape[-2:]):
+        if rec is None or not rec.wants(args[0].shape[-2:]) or not self.gradient_checkpointing:
             return checkpointed(self.gradient_checkpointing, module, *args)
         if torch.compiler.is_compiling():  # it cannot trace a checkpointed block that reports to the recorder
             return module(*args)
