@@ -43,17 +43,30 @@ def list_images(folder):
     if not os.path.isdir(folder):
         raise SystemExit(f"{folder} is not a folder: point source_dir/reference_dir at a folder of photos")
     names = sorted(os.listdir(folder))
-    paths, masks = [], set()
+    paths, masks, bad = [], set(), []
     for n in names:
         path = os.path.join(folder, n)
+        stem, ext = os.path.splitext(n)
         if n.lower().endswith(MASK_SUFFIX):
             masks.add(path)
         elif os.path.isdir(path) or n == SYNTHETIC_MARKER:
             continue
-        elif n.lower().endswith(EXTENSIONS) and not n.startswith("."):
+        elif stem.lower().endswith("_mask") and ext.lower() in EXTENSIONS:  # else it would train as a photo
+            bad.append(f"  {path}: a mask is read only as {stem}.png (lossless: JPEG and WebP blur its edges); "
+                       f"save it as {os.path.join(folder, stem)}.png")
+        elif ext.lower() in EXTENSIONS and not n.startswith("."):
             paths.append(path)
         else:
             print(f"warning: skipping {path} (not a .jpg/.jpeg/.png/.webp photo)")
+    stems = {}
+    for p in paths:
+        stems.setdefault(mask_path(p), []).append(os.path.basename(p))
+    for m, same in stems.items():
+        if len(same) > 1:  # their masks and their overlays in out_dir/masks would be one file
+            bad.append(f"  {', '.join(same)} in {folder}: photos that differ only in their extension share the mask "
+                       f"name {os.path.basename(m)}; rename all but one")
+    if bad:
+        raise SystemExit("these files cannot be used; fix them and run again:\n" + "\n".join(bad))
     for m in sorted(masks - {mask_path(p) for p in paths}):
         print(f"warning: ignoring {m}: it belongs to no photo (the mask of <name>.jpg, .png, ... "
               f"must be named exactly <name>{MASK_SUFFIX}, next to it)")
@@ -96,6 +109,18 @@ def read_rgb(path):
         im = Image.alpha_composite(white, im.convert("RGBA"))
     return im.convert("RGB")
 
+def read_mask(path):
+    """A <name>_mask.png as an L image (white = face), upright like its photo. Transparent pixels count as black
+    (not face), so white paint on an otherwise transparent layer is a mask as it stands; read_rgb would lay
+    them over white and make the whole photo face."""
+    with open_image(path) as im:
+        im.load()
+        if not (im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info):
+            return read_rgb(path).convert("L")
+        im = ImageOps.exif_transpose(im).convert("RGBA")
+    black = Image.new("RGBA", im.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, im).convert("L")
+
 def load_folder(folder, min_images=2):
     """-> list of Photo with path, photo and mask_photo set (the rest is set by crop and train.py).
     Every unusable file is named in one message; too few photos stop the run."""
@@ -112,24 +137,27 @@ def load_folder(folder, min_images=2):
         p = Photo(path, im)
         if mp is not None:
             try:
-                m = read_rgb(mp)
+                m = read_mask(mp)
             except (UnidentifiedImageError, OSError, ValueError) as e:
                 bad.append(f"  {mp}: {e}")
                 continue
+            with open_image(path) as raw:
+                turned = raw.getexif().get(ExifTags.Base.Orientation, 1)  # 1: stored upright
             if m.size != im.size:
                 w, h = im.size
                 problem = f"{m.size[0]}x{m.size[1]}, but its photo is {w}x{h}"
-                if m.size == (h, w):  # perhaps drawn on the photo as stored, before its EXIF rotation
-                    with open_image(path) as raw:
-                        turned = raw.getexif().get(ExifTags.Base.Orientation)
-                    if turned in (5, 6, 7, 8):  # the tag values that swap width and height
-                        problem = (f"{h}x{w}, the size of {os.path.basename(path)} as stored, but its EXIF "
-                                   f"orientation tag ({turned}) turns that photo to {w}x{h} upright. The mask must "
-                                   "match the upright photo: rotate the mask the same way, or save the photo "
-                                   "upright (without the tag)")
+                # drawn on the photo as stored, before the EXIF turn? Tags 5-8 swap width and height
+                if m.size == (h, w) and turned in (5, 6, 7, 8):
+                    problem = (f"{h}x{w}, the size of {os.path.basename(path)} as stored, but its EXIF "
+                               f"orientation tag ({turned}) turns that photo to {w}x{h} upright. The mask must "
+                               "match the upright photo: rotate the mask the same way, or save the photo "
+                               "upright (without the tag)")
                 bad.append(f"  {mp}: {problem}")
                 continue
-            p.mask_photo = m.convert("L")
+            if turned != 1:  # a mask drawn on the photo as stored matches in size only if the turn keeps it
+                print(f"warning: {path} is turned upright by its EXIF orientation tag ({turned}); its mask must "
+                      "match the upright photo, as a viewer shows it: check its overlay in out_dir/masks")
+            p.mask_photo = m
         photos.append(p)
     if bad:
         raise SystemExit("these files cannot be used; fix or remove them and run again:\n" + "\n".join(bad))

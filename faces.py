@@ -162,7 +162,7 @@ def letterbox(image, size):
     black padding at the bottom/right, as InsightFace. Returns (canvas, scale)."""
     H, W = image.shape[:2]
     scale = min(size / H, size / W)
-    h, w = int(round(H * scale)), int(round(W * scale))
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))  # a photo over 1280:1 keeps a row
     canvas = np.zeros((size, size, 3), np.uint8)
     canvas[:h, :w] = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     return canvas, scale
@@ -270,7 +270,7 @@ def letterbox_torch(images, size):
     (resize_like_cv2), so the canvas is letterbox()'s to the bit; black padding at the bottom/right."""
     B, C, H, W = images.shape
     scale = min(size / H, size / W)
-    h, w = int(round(H * scale)), int(round(W * scale))
+    h, w = max(1, round(H * scale)), max(1, round(W * scale))  # a photo over 1280:1 keeps a row
     pixels = ((images.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round()  # data.to_uint8's levels
     if (h, w) != (H, W):
         pixels = resize_like_cv2(pixels, h, w)
@@ -413,7 +413,7 @@ def face_mask(image, face, model=None, classes=tuple(range(1, 14))):
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     inside = np.zeros_like(mask)
     x1, y1 = np.floor(face.box[:2]).clip(0).astype(int)
-    x2, y2 = np.ceil(face.box[2:]).astype(int)
+    x2, y2 = np.ceil(face.box[2:]).clip(0).astype(int)  # a box wholly above or left of the image: nothing
     inside[y1:y2, x1:x2] = 1
     return mask * inside
 

@@ -149,6 +149,8 @@ resume = False                   # continue the run in out_dir from its last che
 overwrite = False                # delete the run in out_dir (checkpoints, samples, log, weights) and start over
 # -----------------------------------------------------------------------------
 config = configure(globals())
+if hasattr(sys.stdout, "reconfigure"):  # a file name that is not valid UTF-8 prints escaped instead of crashing a print
+    sys.stdout.reconfigure(errors="backslashreplace")
 check_choice("dtype", dtype, DTYPES)
 check_choice("id_target", id_target, ("mean", "own"))
 check_choice("latent_mask", latent_mask, ("bilinear", "nearest"))
@@ -290,7 +292,13 @@ if any(need.values()):
 def find_faces(photos):
     """Each photo's largest face, checked; detections cached in out_dir/faces.json (a resumed run reuses them)."""
     cache_path = os.path.join(out_dir, "faces.json")
-    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    cache = {}
+    if os.path.exists(cache_path):
+        try:
+            with open(cache_path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError) as e:  # cut short by a full disk or a kill: detect again
+            print(f"warning: {cache_path} is unreadable ({e}); the faces are detected again")
     none = []
     for p in photos:
         st = os.stat(p.path)
@@ -312,9 +320,10 @@ def find_faces(photos):
                   "closer photos teach the identity better")
         if x1 < 1 or y1 < 1 or x2 > w - 1 or y2 > h - 1:
             print(f"warning: {p.path}: the face is cut off at the photo's border")
-    if master:
-        with open(cache_path, "w") as f:
+    if master:  # written whole, then renamed: a crash leaves the old cache or the new one
+        with open(cache_path + ".tmp", "w") as f:
             json.dump(cache, f)
+        os.replace(cache_path + ".tmp", cache_path)
     if none:
         raise SystemExit("no face found in:\n  " + "\n  ".join(none) + "\nA usable photo shows one person's face "
                          "from the front or three-quarter view, unobstructed, at least ~100 pixels across.")
@@ -326,18 +335,31 @@ def face_in_crop(face, square):
     shift = np.array([left, top], np.float32)
     return faces.Face(((face.box.reshape(2, 2) - shift) * k).reshape(4), face.score, (face.landmarks - shift) * k)
 
-if "detector" in face_files:
-    find_faces(photos)
+if "detector" in face_files:  # the photos whose face is used: for its mask, its crop, or eq. 7's target identity
+    find_faces([p for p in photos if p.path in unmasked or (p in sources and (source_face_crop or lambda_id > 0))])
+outside = []
 for p in photos:
     around = p.face.box if source_face_crop and p in sources else None  # None: the whole photo, centred
     data.crop(p, data.square_around(p.photo.size, around, face_margin), resolution)
     if p.face is not None:
         p.face = face_in_crop(p.face, p.square)
+        if p.face.landmarks.min() < 0 or p.face.landmarks.max() > resolution:  # eyes, nose or mouth cut away
+            outside.append(p.path)
+            continue
+        if p.face.box.min() < 0 or p.face.box.max() > resolution:
+            print(f"warning: {p.path}: the face reaches past the edge of the square the photo is cropped to")
     if p.mask is None and subject == "object":
         p.mask = torch.ones(1, resolution, resolution)
     elif p.mask is None:  # the paper's face region from the parser, inside the detected box
         m = faces.face_mask(data.to_uint8(p.image / 2 + 0.5), p.face, model=face_files["parser"], classes=mask_classes)
         p.mask = torch.from_numpy(np.asarray(m, np.float32))[None]
+if outside:
+    raise SystemExit("the face is not inside the square these photos are cropped to (the largest centred square, "
+                     "or with source_face_crop=True a source's square around its face):\n  " + "\n  ".join(outside) +
+                     "\nCrop each photo yourself so that the face sits well inside its centred square"
+                     + (", or set --source_face_crop=True to crop the sources around their faces"
+                        if not source_face_crop and any(p.path in outside for p in sources) else "")
+                     + ".")
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
 for kind, group in (("source", sources), ("reference", references)) if master else ():
     for p in group:

@@ -306,3 +306,38 @@ def test_synthetic_data_needs_two_folders(tmp_path):
     with pytest.raises(SystemExit, match="both"):
         data.make_synthetic(str(tmp_path / "same"), str(tmp_path / "same" / ".." / "same"))
     assert not (tmp_path / "same").exists()
+
+def test_misnamed_masks_and_photos_sharing_a_name_stop(tmp_path):
+    """A mask saved as _mask.jpg would be trained on as a photo, and a.jpg next to a.png would share a_mask.png
+    (and one overlay): both stop the intake, each named with its fix."""
+    for n in ("a.jpg", "a.png", "b.png", "c.png"):
+        photo(tmp_path / n)
+    photo(tmp_path / "c_mask.jpg")
+    with pytest.raises(SystemExit) as e:
+        load(str(tmp_path))
+    msg = str(e.value)
+    assert "a.jpg, a.png" in msg and "share the mask name a_mask.png" in msg, msg
+    assert "c_mask.jpg: a mask is read only as c_mask.png" in msg, msg
+
+def test_transparent_mask_pixels_are_not_face(tmp_path):
+    """White paint on a transparent layer: the paint is the face, the transparent rest is not (laid over white,
+    as photos are, it would be all face)."""
+    photo(tmp_path / "a.png", size=(64, 64))
+    photo(tmp_path / "b.png", size=(64, 64))
+    m = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    m.paste((255, 255, 255, 255), (0, 0, 64, 16))
+    m.save(tmp_path / "a_mask.png")
+    mask = load(str(tmp_path))[0].mask[0]
+    assert mask[:16].min() == 1 and mask[16:].max() == 0, mask.mean()
+
+def test_mask_of_a_turned_photo_warns(tmp_path, capsys):
+    """A masked photo turned by its EXIF tag without a change of size (3: upside down) is accepted with a
+    warning: its mask may have been drawn on the photo as stored."""
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    Image.new("RGB", (96, 80), (200, 100, 50)).save(tmp_path / "a.jpg", exif=exif)
+    Image.new("L", (96, 80), 255).save(tmp_path / "a_mask.png")
+    photo(tmp_path / "b.png")
+    load(str(tmp_path))
+    out = capsys.readouterr().out
+    assert "a.jpg is turned upright by its EXIF orientation tag (3)" in out and "b.png" not in out, out

@@ -80,6 +80,8 @@ def test_letterbox():
     canvas, scale = faces.letterbox(image, 640)
     assert scale == 0.8 and canvas.shape == (640, 640, 3)
     assert canvas[:480, :318].min() == 255 and canvas[:480, 322:].max() == 0 and canvas[480:].max() == 0
+    canvas, scale = faces.letterbox(np.full((64, 90000, 3), 255, np.uint8), 640)  # over 1280:1: still one row
+    assert canvas[0].min() == 255 and canvas[1:].max() == 0
 
 
 def test_detect_no_face(models):
@@ -432,6 +434,8 @@ def test_face_mask(tmp_path):
     assert at(with_hair, 150, 65) == 1, "hair counts when asked for"
     eyes = faces.face_mask(image, face, parser, classes=(4,))
     assert at(eyes, 135, 120) == 1 and at(eyes, 150, 150) == 0, "classes=(4,) keeps the eye only"
+    above = faces.Face(face.box - np.array([0, 300, 0, 300], np.float32), 0.9, face.landmarks)
+    assert faces.face_mask(image, above, parser).max() == 0, "a box wholly above the image marks nothing"
 
 
 def test_embed_and_csim(models):

@@ -384,8 +384,8 @@ def test_faces_crop_and_automatic_masks(cache, tmp_path, face_models):
               *face_args(face_models, "det2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 faces; using the largest" in r.stdout
-    cached = json.load(open(out / "faces.json"))
-    assert len(cached) == 6 and all(len(v) == 2 for v in cached.values())
+    cached = json.load(open(out / "faces.json"))  # the sources' only: the references have masks of their own
+    assert len(cached) == 3 and all(len(v) == 2 for v in cached.values())
     assert (out / "masks" / "source_01.png").exists()
 
 def test_small_and_cut_off_faces_are_reported(cache, tmp_path, face_models):
@@ -399,6 +399,28 @@ def test_small_and_cut_off_faces_are_reported(cache, tmp_path, face_models):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "00.png: the face is only 24 px across" in r.stdout
     assert "00.png: the face is cut off at the photo's border" in r.stdout
+
+def test_face_outside_the_crop_stops(cache, tmp_path, face_models):
+    """A face above the centred square of tall photos stops the run, naming the photos and the fix, instead of
+    parsing a mask from a crop without the face; a faces.json cut short by a crash is detected again."""
+    import standins
+    from PIL import Image
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):  # 256 x 512: the centred square is rows 128-384
+        Image.open(cache / "src" / f"0{i}.png").resize((256, 512)).save(src / f"0{i}.png")
+    high = dict(box=(100, 20, 220, 140), score=0.9,  # in the 640 letterbox (x1.25): photo rows 16-112
+                landmarks=[(130, 60), (190, 60), (160, 85), (135, 115), (185, 115)])
+    det = standins.detector(str(tmp_path / "high.onnx"), [high])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "faces.json").write_text('{"cut short')
+    r = stops(cache, out, f"--source_dir={src}", f"--detector_model={det}", f"--parser_model={face_models['par']}")
+    assert r.returncode != 0
+    assert "faces.json is unreadable" in r.stdout, r.stdout[-2000:]
+    assert "not inside the square" in r.stderr and "--source_face_crop=True" in r.stderr, r.stderr[-2000:]
+    assert all(f"0{i}.png" in r.stderr for i in range(3)) and "ref" not in r.stderr, r.stderr[-2000:]
+    assert len(json.load(open(out / "faces.json"))) == 3  # rewritten whole
 
 def test_photo_without_face_is_named(cache, tmp_path, face_models):
     """A photo where the detector finds no face stops the run, naming it and saying what makes a usable photo."""
