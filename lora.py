@@ -327,6 +327,8 @@ def save_result(out_dir, unet, text_encoder, embeds, metadata, weights=None, tex
     if weights:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()},
                   os.path.join(out_dir, WEIGHTS_FILE), metadata=metadata)
+    elif os.path.exists(os.path.join(out_dir, WEIGHTS_FILE)):  # an earlier run's: load_result would apply it
+        os.remove(os.path.join(out_dir, WEIGHTS_FILE))
     models = [m for m in (unet, text_encoder, text_encoder_2) if m is not None]
     modules = [m for model in models for _, m in lora_modules(model)]
     if not modules:  # an embeddings-only run: no LoRA file from an earlier run in this folder may remain

@@ -18,6 +18,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -169,8 +170,16 @@ if phase1_batch_size is not None and not (isinstance(phase1_batch_size, int) and
                      "draws (or be None: batch_size)")
 micro_batch = {1: phase1_batch_size or batch_size, 2: batch_size}  # phase -> draws per micro-step
 accum = {phase: draws // n for phase, n in micro_batch.items()}  # phase -> micro-steps per step
-if resolution % 64:
+if resolution % 64 or resolution < 64:
     raise SystemExit(f"resolution must be a multiple of 64, got {resolution}")
+for name in ("log_interval", "eval_interval", "ckpt_interval", "eval_steps", "lora_rank"):
+    if not globals()[name] >= 1:
+        raise SystemExit(f"{name} must be >= 1, got {globals()[name]}")
+if not (eval_seeds and all(isinstance(s, int) for s in eval_seeds)):
+    raise SystemExit(f"eval_seeds must be a tuple of one or more integer seeds, e.g. (0, 1), got {eval_seeds!r}")
+for name in ("lr_embed1", "lr_embed2", "lr_lora", "lr_lora_text", "lr_full"):
+    if not globals()[name] >= 0:
+        raise SystemExit(f"{name} must be >= 0, got {globals()[name]}")
 if not (1 < t_id_max <= 1000 and 0 < phase2_t_max <= 1000):
     raise SystemExit(f"t_id_max must be in 2..1000 and phase2_t_max in 1..1000, got {t_id_max} and {phase2_t_max}")
 if id_batch_size is not None and not (isinstance(id_batch_size, int) and id_batch_size >= 1):
@@ -204,8 +213,16 @@ total_steps = phase1_steps + phase2_steps
 # Checked before anything is read or written, so a wrong command loses nothing.
 ckpt_dir = os.path.join(out_dir, "checkpoints")
 log_path = os.path.join(out_dir, "log.jsonl")
-RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE)
-RUN_DIRS = ("checkpoints", "samples", "masks", lora.EMBEDS_DIR)
+RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE, lora.WEIGHTS_FILE)
+RUN_DIRS = ("checkpoints", "samples", "masks", lora.EMBEDS_DIR, "pipeline")
+# What a resumed run may change: where the files are, how a step's draws are laid out and computed (the same
+# batch_size * grad_accum draws and expected update), and what is logged, drawn and kept. Every other setting
+# defines the run: the steps resumed under another value would belong to neither run.
+RESUMABLE = {"source_dir", "reference_dir", "synthetic_data", "out_dir", "variant", "detector_model",
+             "recognizer_model", "parser_model", "min_mask_fraction", "neutral_prompt", "save_pipeline", "batch_size",
+             "grad_accum", "phase1_batch_size", "id_batch_size", "device", "gradient_checkpointing", "compile",
+             "log_interval", "eval_interval", "eval_seeds", "eval_steps", "ckpt_interval", "keep_checkpoints",
+             "resume", "overwrite"}
 
 def checkpoints():
     return sorted(glob.glob(os.path.join(ckpt_dir, "step*.pt")))
@@ -214,8 +231,14 @@ def checkpoint_path(step):
     return os.path.join(ckpt_dir, f"step{step:06d}.pt")
 
 def append_log(row):
-    with open(log_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    try:
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    except OSError as e:
+        kept = checkpoints()
+        raise SystemExit(f"could not write to {log_path} (disk full?): {e.strerror}. "
+                         + (f"The last checkpoint is {kept[-1]}: free some space and run again with --resume."
+                            if kept else "No checkpoint was written yet."))
 
 def read_run_id():
     path = os.path.join(out_dir, "config.json")
@@ -225,14 +248,32 @@ ckpt = None
 if resume:
     found = checkpoints()
     if not found:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}; to start a new run there, leave out --resume")
-    ckpt = torch.load(found[-1], map_location="cpu", weights_only=True)  # tensors and plain values only
+        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir}"
+                         + ("; the run there stopped before its first one: start it again with --overwrite"
+                            if os.path.exists(log_path) else "; to start a new run there, leave out --resume"))
+    for path in found[::-1]:  # the newest that reads: one cut short by a power cut or a kill is passed over
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+            break
+        except Exception as e:
+            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the one before")
+    if ckpt is None:
+        raise SystemExit(f"--resume: none of the checkpoints in {ckpt_dir} can be read; start over with --overwrite")
     if ckpt.get("run_id") != read_run_id():
-        raise SystemExit(f"--resume: {found[-1]} belongs to another run than {out_dir}/config.json (run ids "
+        raise SystemExit(f"--resume: {path} belongs to another run than {out_dir}/config.json (run ids "
                          f"{ckpt.get('run_id')} and {read_run_id()}); a folder must hold one run. Move the "
                          "checkpoint back where it came from, or start over with --overwrite.")
+    was = dict(ckpt["config"], draws=ckpt["config"]["batch_size"] * ckpt["config"]["grad_accum"])
+    now = dict(config, draws=draws)
+    changed = [f"  {k}: {json.dumps(was[k])} -> {json.dumps(now[k])}" for k in now
+               if k not in RESUMABLE and k in was and json.dumps(was[k]) != json.dumps(now[k])]
+    if changed:
+        raise SystemExit(f"--resume: the run in {out_dir} has other settings (the run's -> now; draws is "
+                         "batch_size * grad_accum):\n" + "\n".join(changed) + f"\nResume with the run's settings (all "
+                         f"in {out_dir}/config.json), or start a new run with --overwrite or another --out_dir.")
     run_id = ckpt["run_id"]
-    print(f"resuming from {found[-1]} at step {ckpt['step']}")
+    print(f"resuming from {path} at step {ckpt['step']}"
+          + (" (the run's last: its outputs are written again)" if ckpt["step"] == total_steps else ""))
 else:
     if master:  # the others write nothing
         held = [n for n in ("log.jsonl", lora.LORA_FILE, lora.EMBEDS_FILE) if os.path.exists(os.path.join(out_dir, n))]
@@ -241,12 +282,16 @@ else:
             raise SystemExit(f"{out_dir} holds a run ({', '.join(held)}). Continue it with --resume, delete it and "
                              "start over with --overwrite, or pick another --out_dir.")
         # a run that never logged a step (it stopped at the data checks) leaves only masks/ and config.json
-        for name in RUN_FILES + RUN_DIRS:
-            path = os.path.join(out_dir, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+        try:
+            for name in RUN_FILES + RUN_DIRS:
+                path = os.path.join(out_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+        except OSError as e:
+            raise SystemExit(f"cannot clear {path} in out_dir {out_dir}: {e.strerror}. Pick a folder you can write "
+                             "to (--out_dir=...), or fix its permissions.")
     run_id = uuid.uuid4().hex[:12]  # ties the checkpoints to this run's config.json
 try:
     os.makedirs(out_dir, exist_ok=True)
@@ -827,7 +872,10 @@ def save_checkpoint(step, phase, gen_state=None):
                  gen=gen.get_state() if gen_state is None else gen_state, config=config)
     path = checkpoint_path(step)
     try:
-        torch.save(state, path + ".tmp")
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename: a power cut leaves the old checkpoint or the new
     except (OSError, RuntimeError) as e:  # a full disk shows as RuntimeError "... file write failed"
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
@@ -976,8 +1024,13 @@ if ckpt is not None:
         embeds.copy_(ckpt["embeds"])
     gen.set_state(ckpt["gen"])
     if master and os.path.exists(log_path):  # drop log lines written after the checkpoint by the interrupted run
+        def before_checkpoint(line):  # the last line may be cut short, by a full disk or a kill
+            try:
+                return json.loads(line)["step"] <= start
+            except ValueError:
+                return False
         with open(log_path) as f:
-            kept = [l for l in f if l.strip() and json.loads(l)["step"] <= start]
+            kept = [l for l in f if before_checkpoint(l)]
         with open(log_path, "w") as f:
             f.writelines(kept)
 if master:
@@ -996,8 +1049,8 @@ t_row, step_row, paused = t0, start, 0.0  # the last log row's time and step; va
 micro_flop = {}  # phase -> FLOPs of one micro-step, forward and backward
 peak_gib = 0.0  # the largest GPU memory of the log's rows
 for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps)):
-    if max(start, first) >= first + steps:
-        continue  # a phase of 0 steps, or one finished before the resumed checkpoint
+    if max(start, first) >= first + steps and not (ckpt is not None and ckpt["phase"] == phase):
+        continue  # a phase of 0 steps, or one finished before the resumed checkpoint (else: its weights are loaded)
     opt, sched = setup_phase(phase)
     if ckpt is not None and ckpt["phase"] == phase:  # resuming inside this phase
         with torch.no_grad():
@@ -1111,7 +1164,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             if master:
                 again = [a for a in sys.argv if not a.startswith(("--resume", "--overwrite"))] + ["--resume"]
                 print(f"stopped at step {done} of {total_steps}; checkpoint {checkpoints()[-1]}.\n"
-                      f"Continue with: python {' '.join(again)}", file=sys.stderr)
+                      f"Continue with: {shlex.join(['python', *again])}", file=sys.stderr)
             sys.exit(130)  # the shell's code for a run ended by Ctrl-C
 bar.close()
 signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -123,10 +123,11 @@ def assert_same_result(a_dir, b_dir, atol=0.0):
             err = (a[k] - b[k]).abs().max().item()
             assert err <= atol, f"{name}:{k} max diff {err:.2e}"
 
-@pytest.mark.parametrize("resume_at", [2, 3])
+@pytest.mark.parametrize("resume_at", [2, 3, 6])
 def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
-    """Stopped after step 2 (phase 1) or 3 (the phase boundary) and resumed, a run ends with bit-identical LoRA
-    and embeddings, and its log has each step once (in phase 2: the next test)."""
+    """Stopped after step 2 (phase 1), 3 (the phase boundary) or 6 (the end, before the outputs were written) and
+    resumed, a run ends with bit-identical LoRA and embeddings, and its log has each step once (in phase 2: the
+    next test). A log line and a newest checkpoint cut short by a crash are passed over."""
     full = run[0]
     part = tmp_path / "part"
     shutil.copytree(full, part)
@@ -135,9 +136,14 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
             os.remove(part / "checkpoints" / name)
     for name in ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors"):
         os.remove(part / name)
+    with open(part / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "phase"')  # the line a full disk cut short
+    if resume_at == 3:
+        (part / "checkpoints" / "step000004.pt").write_bytes(b"")  # the checkpoint a power cut left empty
     r = train(cache, part, *SHARED, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {resume_at}" in r.stdout
+    assert ("cannot read" in r.stdout) == (resume_at == 3), r.stdout[-2000:]
     assert_same_result(full, part)
     assert [r["step"] for r in log(part)] == [1, 2, 3, 4, 5, 6]
     assert len(os.listdir(part / "checkpoints")) == len(os.listdir(full / "checkpoints"))
@@ -222,8 +228,11 @@ def test_a_finished_run_is_kept_unless_overwrite(cache, run, tmp_path):
     r = train(cache, out, *SHARED)
     assert r.returncode != 0 and "--resume" in r.stderr and "--overwrite" in r.stderr, r.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    (out / "trained_weights.safetensors").write_bytes(b"")  # a baseline's full weights, which load_result applies
+    (out / "pipeline").mkdir()
     r = train(cache, out, "--phase1_steps=1", "--phase2_steps=0", "--overwrite")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "trained_weights.safetensors").exists() and not (out / "pipeline").exists()
     assert os.listdir(out / "checkpoints") == ["step000001.pt"]
     assert os.listdir(out / "samples") == ["step00001.png"]
     assert [row["step"] for row in log(out)] == [1]
@@ -238,11 +247,27 @@ def test_resume_refuses_another_runs_checkpoint(cache, run, tmp_path):
     r = stops(cache, out, *SHARED, "--resume")
     assert r.returncode != 0 and "belongs to another run" in r.stderr and "0123456789ab" in r.stderr
 
+def test_resume_refuses_other_settings(cache, run, tmp_path):
+    """A resumed run that would train with other settings than its own (more steps, another batch) is refused,
+    each change named; what only moves files, layout or logging is not among them."""
+    out = tmp_path / "other"
+    shutil.copytree(run[0], out)
+    r = stops(cache, out, *SHARED, "--resume", "--phase1_steps=5", "--grad_accum=2", "--lr_lora=1e-3",
+              "--log_interval=2", "--batch_size=2", "--device=cpu")
+    assert r.returncode != 0, r.stderr[-2000:]
+    said = r.stderr.splitlines()
+    assert "  phase1_steps: 3 -> 5" in said and "  lr_lora: 0.003 -> 0.001" in said, r.stderr[-2000:]
+    assert "  draws: 1 -> 4" in said and "log_interval" not in r.stderr, r.stderr[-2000:]
+
 def test_resume_without_checkpoint_creates_nothing(cache, tmp_path):
     """--resume in a folder without checkpoints stops before reading photos, and creates no folder."""
     r = stops(cache, tmp_path / "none", "--resume")
     assert r.returncode != 0 and "no checkpoint" in r.stderr
     assert not (tmp_path / "none").exists()
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "log.jsonl").write_text("")  # a run killed before its first checkpoint
+    r = stops(cache, tmp_path / "early", "--resume")
+    assert r.returncode != 0 and "stopped before its first one" in r.stderr and "--overwrite" in r.stderr
 
 def test_ctrl_c_writes_a_checkpoint(cache, tmp_path):
     """Ctrl-C finishes the step under way, writes a checkpoint at it, says how to resume and exits with 130."""
@@ -268,6 +293,8 @@ def test_ctrl_c_writes_a_checkpoint(cache, tmp_path):
     assert sorted(os.listdir(out / "checkpoints"))[-1] == f"step{last:06d}.pt" and 4 <= last < 5002
     assert f"stopped at step {last}" in err and "--resume" in err
     assert "Traceback" not in err
+    again = err.split("Continue with: ")[1].splitlines()[0]  # a shell takes it as printed: (4,) quoted
+    assert "--attn_resolutions=(4,)" in again and subprocess.run(["bash", "-n", "-c", again]).returncode == 0, again
 
 def test_ctrl_c_while_logging_stops_at_a_checkpoint(cache, tmp_path, monkeypatch):
     """A Ctrl-C that arrives after a step decided whether to checkpoint (here: while its log line is written)
@@ -294,11 +321,11 @@ def test_checkpoint_write_failure_keeps_the_previous(cache, tmp_path, monkeypatc
     out = tmp_path / "full"
     real_save, calls = torch.save, []
 
-    def save(obj, path):
-        calls.append(path)
+    def save(obj, f):  # f: the open temporary file
+        calls.append(f)
         if len(calls) == 1:
-            return real_save(obj, path)
-        open(path, "wb").write(b"partial")
+            return real_save(obj, f)
+        f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", save)
@@ -583,6 +610,13 @@ def test_bad_settings(cache, tmp_path):
     r = stops(cache, tmp_path / "y", "--lora_targets=('.*attn9.*',)")  # also before phase 1
     assert r.returncode != 0 and "matches no nn.Linear of the UNet" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "y" / "checkpoints").exists()
+    for bad, said in (("--log_interval=0", "log_interval must be >= 1, got 0"),
+                      ("--lora_rank=0", "lora_rank must be >= 1, got 0"),
+                      ("--eval_seeds=()", "eval_seeds must be a tuple of one or more integer seeds"),
+                      ("--lr_embed1=-1.0", "lr_embed1 must be >= 0, got -1.0"),
+                      ("--resolution=0", "resolution must be a multiple of 64, got 0")):
+        r = stops(cache, tmp_path / "x", bad)
+        assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
     r = stops(cache, tmp_path / "x", "--dtype=fp8")
     assert r.returncode != 0 and "dtype must be one of" in r.stderr and "Traceback" not in r.stderr
     if not torch.cuda.is_available():
