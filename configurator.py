@@ -7,7 +7,8 @@ as module globals, then calls configure(globals()), which applies, in order,
 a config file (plain Python assigning some of those globals) and --key=value
 overrides (parsed as Python literals, else taken as a string; --key alone sets a
 boolean to True). Unknown keys and values of the wrong type are errors, so a typo
-never silently trains with a default. Names in upper case (CROP) are constants, not
+never silently trains with a default; None is a value only of settings whose default
+is None, or that the script names in `nullable`. Names in upper case (CROP) are constants, not
 settings. --help lists every setting with the value it has at that point of the
 command line, so `python train.py config/portrait.py --help` shows what the config sets.
 
@@ -20,13 +21,13 @@ import difflib
 import sys
 import types
 
-def check(key, value, defaults, source):
+def check(key, value, defaults, source, nullable=()):
     if key not in defaults:
         close = difflib.get_close_matches(key, defaults, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise SystemExit(f"{source}: unknown setting '{key}'{hint}")
     want = defaults[key]
-    if want is None or value is None:  # None means "not set": any type may replace it, and it may be unset
+    if want is None or (value is None and key in nullable):  # None: "not set"; any type may replace it
         return value
     if isinstance(want, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -43,8 +44,9 @@ def print_help(scope, defaults):
         changed = f"    (default {default!r})" if scope[k] != default else ""
         print(f"  {k} = {scope[k]!r}{changed}")
 
-def configure(scope, argv=None):
-    """Apply a config file and --key=value overrides to the settings in `scope`; returns the resolved settings."""
+def configure(scope, argv=None, nullable=()):
+    """Apply a config file and --key=value overrides to the settings in `scope`; returns the resolved settings.
+    nullable: settings with a default other than None that may also be set to None."""
     argv = sys.argv[1:] if argv is None else argv
     defaults = {k: v for k, v in scope.items() if not k.startswith("_") and not k.isupper()
                 and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
@@ -58,17 +60,17 @@ def configure(scope, argv=None):
                     code = f.read()
             except OSError as e:
                 raise SystemExit(f"cannot read config file {arg}: {e.strerror}")
-            values = {}
-            exec(compile(code, arg, "exec"), {}, values)
+            values = {}  # one namespace, so a function or comprehension in the file sees its other names
+            exec(compile(code, arg, "exec"), values)
             for k, v in values.items():
                 if not (k.startswith("_") or callable(v) or isinstance(v, types.ModuleType)):  # skip imports, helpers
-                    scope[k] = check(k, v, defaults, arg)
+                    scope[k] = check(k, v, defaults, arg, nullable)
             print(f"config file {arg}")
         else:
             key, eq, text = arg[2:].partition("=")
             if not eq:  # --flag
-                if not isinstance(defaults.get(key), bool):
-                    check(key, True, defaults, arg)  # names unknown keys and non-boolean ones
+                if key in defaults and not isinstance(defaults[key], bool):
+                    raise SystemExit(f"{arg}: '{key}' takes a value: write --{key}=VALUE, with '='")
                 value = True
             else:
                 try:
@@ -77,7 +79,7 @@ def configure(scope, argv=None):
                     value = text  # a plain string such as --init_from=runwayml/x
                 if isinstance(defaults.get(key), str) and not isinstance(value, str) and value is not None:
                     value = text  # --prompt=1 stays the string "1"
-            scope[key] = check(key, value, defaults, arg)
+            scope[key] = check(key, value, defaults, arg, nullable)
     return {k: scope[k] for k in defaults}
 
 def check_choice(key, value, choices):

@@ -435,16 +435,17 @@ def run_names(runs):
     return names
 
 
-def evaluate_run(run, method, cfg, clip, predictor, models):
-    """Draw (or reuse) the run's images, score them, write eval.json and the contact sheets; returns the
-    table rows [(method, summary)]: the run's, and with postprocess method + postprocessing."""
+def evaluate_run(run, method, cfg, clip, predictor, models, compared):
+    """Draw (or reuse) the run's images, score them against `compared` (score_references' result), write
+    eval.json and the contact sheets; returns the table rows [(method, summary)]: the run's, and with
+    postprocess method + postprocessing."""
     folder = os.path.join(run, "eval")
     os.makedirs(folder, exist_ok=True)
     prompts = eval_prompts(cfg, descriptions)
     prompt_index = [i % len(prompts) for i in range(num_images)]
     seeds = [seed + i for i in range(num_images)]
     files, images = run_images(run, cfg, folder, prompts, prompt_index, seeds, models)
-    target, references, no_face = score_references(run, cfg, clip, models)
+    target, references, no_face = compared
     result = dict(run=run, prompts=prompts, settings=config, references_without_face=no_face)
     rows = []
     for kind in files:
@@ -491,8 +492,10 @@ if __name__ == "__main__":
         raise SystemExit(f"the aesthetic predictor reads {width}-wide CLIP embeddings, but clip_model={clip_model} "
                          f"makes {clip.config.projection_dim}-wide ones: LAION's predictor needs CLIP ViT-L/14 "
                          "(openai/clip-vit-large-patch14)")
+    # every run's photos read and checked (a source without a face stops) before the first image is drawn
+    compared = {run: score_references(run, run_configs[run], clip, models) for run in run_dirs}
     rows = [row for run, name in zip(run_dirs, run_names(run_dirs))
-            for row in evaluate_run(run, name, run_configs[run], clip, predictor, models)]
+            for row in evaluate_run(run, name, run_configs[run], clip, predictor, models, compared[run])]
     table = markdown_table(rows)
     print("\n" + table)
     with open(table_file, "w") as f:

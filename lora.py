@@ -388,13 +388,21 @@ def load_result(sd, path, scale=1.0, text_scale=None):
     if sdxl_run and "tokens" not in header:
         raise ValueError(f"{embeds_path}: clip_l and clip_g rows without the header's \"tokens\" list that names "
                          "them: not written by lora.save_result")
+    embeds = load_file(embeds_path)
+    pairs = ([(embeds["clip_l"], sd.text_encoder), (embeds["clip_g"], text_encoder_2)] if sdxl_run
+             else [(v, sd.text_encoder) for v in embeds.values()])
+    for vectors, text_encoder in pairs:  # checked before anything is changed
+        width = text_encoder.text_model.embeddings.token_embedding.weight.shape[1]
+        if vectors.shape[-1] != width:
+            raise ValueError(f"{embeds_path} holds token vectors {vectors.shape[-1]} wide, and the model's text "
+                             f"encoder takes {width}: load the run into the model it was trained on (init_from in "
+                             "its config.json)")
     if os.path.isfile(lora_path):  # absent when the run trained no LoRA
         load_lora_file(sd.unet, sd.text_encoder, lora_path, scale, text_encoder_2=text_encoder_2)
         if text_scale is not None:
             for model in (sd.text_encoder, text_encoder_2):
                 if model is not None:
                     set_scale(model, text_scale)
-    embeds = load_file(embeds_path)
     if sdxl_run:
         tokens = json.loads(header["tokens"])
         encoders = [(sd.tokenizer, sd.text_encoder, embeds["clip_l"]),

@@ -1117,6 +1117,10 @@ class Schedule:
 
     def ddim_timesteps(self, steps):
         """'leading' spacing + steps_offset: for 50 steps, 981, 961, ..., 1."""
+        most = self.config.num_train_timesteps - self.config.steps_offset  # more would step past the last timestep
+        if not 1 <= steps <= most:
+            raise ValueError(f"DDIM takes 1 to {most} steps (the schedule has {self.config.num_train_timesteps} "
+                             f"timesteps), got {steps}")
         ratio = self.config.num_train_timesteps // steps
         return (torch.arange(steps - 1, -1, -1) * ratio + self.config.steps_offset).tolist()
 
@@ -1286,7 +1290,7 @@ def tower_hub_download(repo_id, weight_names):
 def tower_folder(cls, name_or_dir, repo, tiny_name, weight_names):
     """The local folder of an image tower (CLIP's, DINO's): name_or_dir itself, "tiny" (cls.tiny() built and
     saved on first use in the cache), or a Hub repo id (fetched, cached)."""
-    if os.path.isdir(name_or_dir):
+    if os.path.isdir(name_or_dir) and name_or_dir != "tiny":  # (a folder called tiny: pass it as ./tiny)
         return name_or_dir
     if name_or_dir == "tiny":
         path = tiny_path(tiny_name)
@@ -1416,7 +1420,7 @@ class StableDiffusion(nn.Module):
         first use; runs anywhere). variant="fp16" picks the *.fp16.safetensors files (half the download).
         """
         tiny = {"tiny": ("tiny-sd", cls.tiny), "tiny-xl": ("tiny-sdxl", cls.tiny_xl)}
-        if os.path.isdir(name_or_dir):
+        if os.path.isdir(name_or_dir) and name_or_dir not in tiny:  # (a folder called tiny: pass it as ./tiny)
             path = name_or_dir
         elif name_or_dir in tiny:
             folder, build = tiny[name_or_dir]

@@ -147,6 +147,16 @@ def restore_faces(image, weight=0.5, model=None, detector=None, parse=False, par
 
 # -----------------------------------------------------------------------------
 
+def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, detector=None, parse=False, parser=None):
+    """{kind: local .onnx path} of the models enhance() will run with these settings, each found in the cache
+    (or downloaded) now: a missing one stops the command before any work, naming the file and how to fetch it."""
+    wanted = dict(upscaler=(upscale_factor != 1, upscaler), restorer=(restore, restorer),
+                  detector=(restore, detector), parser=(restore and (parse or parser is not None), parser))
+    try:
+        return {kind: faces.model_path(kind, path) for kind, (used, path) in wanted.items() if used}
+    except (faces.MissingModel, FileNotFoundError) as e:
+        raise SystemExit(str(e))
+
 def enhance(image, upscale_factor=2, restore=True, weight=0.5, tile=256, overlap=16,
             upscaler=None, restorer=None, detector=None, parse=False, parser=None):
     """The paper's order: super-resolution first, then face restoration on the enlarged image.
@@ -174,14 +184,24 @@ if __name__ == "__main__":
     if not paths:
         raise SystemExit("no image given: python postprocess.py in.png [more.png ...] [--key=value ...] "
                          "(--help lists the settings)")
+    if not (scale > 0 and 0 <= weight <= 1 and tile > 0 and overlap >= 0):
+        raise SystemExit(f"scale must be > 0, weight in [0, 1] (CodeFormer's fidelity), tile > 0 and overlap >= 0; "
+                         f"got scale={scale}, weight={weight}, tile={tile}, overlap={overlap}")
+    names = {}
     for p in paths:
         if not os.path.isfile(p):
             raise SystemExit(f"{p}: no such file")
-    os.makedirs(out_dir, exist_ok=True)
-    for p in paths:
-        print(p)
-        image = enhance(np.asarray(read_rgb(p)), scale, not no_restore, weight, tile, overlap, upscaler_model or None,
-                        restorer_model or None, detector_model or None, parse, parser_model or None)
         name = os.path.join(out_dir, os.path.splitext(os.path.basename(p))[0] + "_enhanced.png")
+        if name in names:
+            raise SystemExit(f"{names[name]} and {p} would both be written to {name}: enhance them with "
+                             "different --out_dir values, or rename one")
+        names[name] = p
+    models = find_models(scale, not no_restore, upscaler_model or None, restorer_model or None,
+                         detector_model or None, parse, parser_model or None)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, p in names.items():
+        print(p)
+        image = enhance(np.asarray(read_rgb(p)), scale, not no_restore, weight, tile, overlap, models.get("upscaler"),
+                        models.get("restorer"), models.get("detector"), parse, models.get("parser"))
         Image.fromarray(image).save(name)
         print(f"-> {name}")

@@ -13,8 +13,10 @@ Writes one PNG per image (named by its seed, so any image can be drawn again alo
 and a grid.png, into out_dir.
 """
 
+import glob
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -51,6 +53,7 @@ upscaler_model = ""       # "" takes the file from the Hub repo facefusion/model
 restorer_model = ""
 detector_model = ""
 out_dir = "out/samples"
+overwrite = False         # replace the images of an earlier call in out_dir (else an out_dir holding some is refused)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "fp16" if torch.cuda.is_available() else "fp32"   # fp32, bf16 or fp16
 # -----------------------------------------------------------------------------
@@ -61,6 +64,32 @@ check_choice("sampler", sampler, ("ddim", "euler_a"))
 check_device(device)
 if attention and not lora:
     raise SystemExit("--attention shows where the learned tokens attend: give a training result with --lora=DIR")
+if not (steps >= 1 and num_samples >= 1 and batch_size >= 1):
+    raise SystemExit(f"steps, num_samples and batch_size must be >= 1, got {steps}, {num_samples} and {batch_size}")
+for name, side in (("height", height), ("width", width)):
+    if side is not None and not (isinstance(side, int) and side >= 8 and side % 8 == 0):
+        raise SystemExit(f"{name} must be None (the model's size) or a multiple of 8 pixels, got {side!r}")
+earlier = [os.path.join(out_dir, n) for n in ("sample.json", "grid.png") if os.path.exists(os.path.join(out_dir, n))]
+earlier += sorted(glob.glob(os.path.join(glob.escape(out_dir), "seed*.png")))
+if earlier and not overwrite:  # their images would be mixed with these, and sample.json would describe only these
+    raise SystemExit(f"{out_dir} holds the images of an earlier call ({len(earlier)} files); pick another "
+                     "--out_dir, or replace them with --overwrite")
+enhancers = {}
+if postprocess:  # found now, not after the first images are drawn
+    from postprocess import find_models
+    enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
+                            detector_model or None)
+run_folder = (lora if os.path.isdir(lora) else os.path.dirname(lora)) if lora else None
+run_config = {}
+if run_folder and os.path.isfile(os.path.join(run_folder, "config.json")):
+    with open(os.path.join(run_folder, "config.json")) as f:
+        run_config = json.load(f)
+if run_config.get("init_from") not in (None, init_from):  # a LoRA may be meant for a related model: warn only
+    print(f"warning: {run_folder} was trained on {run_config['init_from']}, and this draws with {init_from} "
+          f"(--init_from={run_config['init_from']} draws with the model it was trained on)")
+if run_folder and os.path.isdir(os.path.join(run_folder, "pipeline")) and init_from != os.path.join(run_folder, "pipeline"):
+    print(f"warning: {run_folder} fine-tuned the whole model: --init_from={os.path.join(run_folder, 'pipeline')} "
+          "draws with it")
 
 def heatmaps(rec, n_uncond, size):
     """Average each token's recorded maps over steps, layers and heads -> (B, K, H, W) in [0, 1]."""
@@ -80,8 +109,8 @@ def save_enhanced(image, stem):
     """<stem>_enhanced.png, and <stem>_compare.png: the plain image (enlarged, nearest) beside the enhanced one."""
     from postprocess import enhance
     plain = to_uint8(image)
-    better = enhance(plain, upscale_factor, restore=True, weight=restore_weight, upscaler=upscaler_model or None,
-                     restorer=restorer_model or None, detector=detector_model or None)
+    better = enhance(plain, upscale_factor, restore=True, weight=restore_weight, upscaler=enhancers.get("upscaler"),
+                     restorer=enhancers.get("restorer"), detector=enhancers.get("detector"))
     Image.fromarray(better).save(stem + "_enhanced.png")
     before = np.asarray(Image.fromarray(plain).resize(better.shape[1::-1], Image.NEAREST))
     Image.fromarray(np.concatenate([before, better], axis=1)).save(stem + "_compare.png")
@@ -93,23 +122,41 @@ if lora:
     try:
         tokens = load_result(sd, lora, scale=lora_scale, text_scale=lora_scale_text)
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"--lora={lora}: {e}")
+        trained_on = f" (it was trained on {run_config['init_from']})" if "init_from" in run_config else ""
+        raise SystemExit(f"--lora={lora}{trained_on}: {e}")
     # the LoRA's scale is now fixed: fold it into the base weights, so sampling needs no extra matmuls
     merge(sd.unet, sd.text_encoder, sd.text_encoder_2)
     print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")
+H = height or sd.vae.config.sample_size
+W = width or sd.vae.config.sample_size
 if attention:
-    run_config = os.path.join(lora if os.path.isdir(lora) else os.path.dirname(lora), "config.json")
-    if not os.path.isfile(run_config):
+    if "attn_resolutions" not in run_config:
         raise SystemExit(f"--attention records the maps the run's attention loss shaped (attn_resolutions in "
-                         f"train.py's config.json), but {run_config} is missing")
-    with open(run_config) as f:
-        attn_res = json.load(f)["attn_resolutions"]
+                         f"train.py's config.json), but {os.path.join(run_folder, 'config.json')} is missing")
+    attn_res = run_config["attn_resolutions"]
+    sides = sorted(set(sd.unet.cross_attention_sides(H // 8) + sd.unet.cross_attention_sides(W // 8)), reverse=True)
+    if not set(attn_res) & set(sides):
+        raise SystemExit(f"--attention: at {W}x{H} no cross-attention map is {attn_res} on a side (the run's "
+                         f"attn_resolutions), the maps are {sides}: draw at the run's resolution "
+                         f"({run_config.get('resolution')})")
+unknown = sorted(set(re.findall(r"<[^<>\s]+>", prompt)) - set(tokens))
+if unknown:
+    print(f"warning: {' '.join(unknown)} in the prompt {'is' if len(unknown) == 1 else 'are'} not a learned token "
+          f"({' '.join(tokens) or 'no --lora given'}): CLIP reads {'it' if len(unknown) == 1 else 'them'} as plain text")
+if tokens and not any(t in prompt for t in tokens):
+    print(f"warning: the prompt uses none of the learned tokens ({' '.join(tokens)}): the images show the LoRA's "
+          "effect alone")
 try:  # CLIP reads 77 tokens: a placeholder past them would be dropped, and its --attention panel blank
     sd.tokenizer.check_length([prompt, negative_prompt])
 except ValueError as e:
     raise SystemExit(str(e))
-H = height or sd.vae.config.sample_size
-W = width or sd.vae.config.sample_size
+if sampler == "ddim":
+    try:
+        sd.schedule.ddim_timesteps(steps)
+    except ValueError as e:
+        raise SystemExit(f"--steps={steps}: {e}")
+for path in earlier:  # --overwrite: the earlier call's images go, so none is mixed with these
+    os.remove(path)
 os.makedirs(out_dir, exist_ok=True)
 seeds = [seed + i for i in range(num_samples)]
 images = []

@@ -149,7 +149,7 @@ keep_checkpoints = 2
 resume = False                   # continue the run in out_dir from its last checkpoint
 overwrite = False                # delete the run in out_dir (checkpoints, samples, log, weights) and start over
 # -----------------------------------------------------------------------------
-config = configure(globals())
+config = configure(globals(), nullable=("id_batch_size",))  # id_batch_size=None: all at once
 if hasattr(sys.stdout, "reconfigure"):  # a file name that is not valid UTF-8 prints escaped instead of crashing a print
     sys.stdout.reconfigure(errors="backslashreplace")
 check_choice("dtype", dtype, DTYPES)

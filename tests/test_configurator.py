@@ -22,13 +22,23 @@ def test_overrides_and_types(tmp_path):
     (["--stpes=3"], "unknown setting 'stpes'; did you mean 'steps'"),
     (["--steps=3.5"], "'steps' must be int"),
     (["--flip=1"], "'flip' must be bool"),
-    (["--steps"], "'steps' must be int"),
+    (["--steps"], "'steps' takes a value: write --steps=VALUE, with '='"),
+    (["--steps=None"], "'steps' must be int"),
+    (["--prompt=None"], "'prompt' must be str"),
     (["no_such_file.py"], "cannot read config file no_such_file.py"),
 ])
 def test_errors(argv, message):
     """Typos, wrong types and missing files stop with a message naming the setting or file."""
     with pytest.raises(SystemExit, match=message):
         configure(scope(), argv)
+
+def test_none_only_where_allowed(tmp_path):
+    """None replaces a setting only where the default is None or the script names it nullable; a config file's
+    comprehension sees the file's other names."""
+    f = tmp_path / "c.py"
+    f.write_text("_side = 16\nresolutions = tuple(_side * k for k in (1, 2))\n")
+    out = configure(scope(), [str(f), "--height=None", "--steps=None"], nullable=("steps",))
+    assert out["steps"] is None and out["height"] is None and out["resolutions"] == (16, 32)
 
 def test_unknown_key_in_file(tmp_path):
     """A config file that sets an unknown key is an error naming the file."""

@@ -241,6 +241,20 @@ def test_bad_runs_are_named(env, tmp_path):
         r.stderr[-2000:]
 
 
+def test_faceless_sources_stop_before_drawing(env, tmp_path):
+    """A run whose source photos have no face stops, naming them, before the first image of any run is drawn."""
+    from PIL import Image
+    good, bad = make_run(env, "run_good", 0), make_run(env, "run_faceless", 1)
+    (tmp_path / "dark").mkdir()
+    for i in range(2):  # no pixel above 127: the stand-in detector finds no face
+        Image.new("RGB", (64, 64), (20, 20, 20)).save(tmp_path / "dark" / f"{i}.png")
+    cfg = json.load(open(bad / "config.json"))
+    json.dump(dict(cfg, source_dir=str(tmp_path / "dark")), open(bad / "config.json", "w"))
+    r = run_eval(env, f"--runs={good},{bad}", f"--table_file={tmp_path / 'eval.md'}")
+    assert r.returncode != 0 and "no face found in the source" in r.stderr, r.stderr[-2000:]
+    assert not (good / "eval").exists() and not (bad / "eval").exists()
+
+
 def test_eval_config_parses(tmp_path):
     """config/eval.py type-checks against eval.py's settings."""
     r = run_script("eval.py", "config/eval.py", "--help", cache=tmp_path)

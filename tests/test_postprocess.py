@@ -193,10 +193,14 @@ def test_cli_writes_enhanced_png(models, tmp_path):
     (["a.png", "--CROP=256"], "unknown setting 'CROP'"),  # a constant, not a setting
     (["--weight=0.7"], "no image given"),
     (["missing.png"], "missing.png: no such file"),
+    (["postprocess.py", "--weight=3"], "weight in [0, 1]"),
+    (["postprocess.py", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
+    (["postprocess.py", "tests/../postprocess.py"], "would both be written to out/enhanced/postprocess_enhanced.png"),
 ])
 def test_cli_errors(args, message):
     """The command line's settings are the module's globals: typos are named, constants are not settings,
-    and no image or a missing one stops with a message."""
+    no image or a missing one, a value out of range, a model file that is not there and two inputs of one name
+    stop with a message before any image is read."""
     r = cli(*args)
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
 

@@ -47,7 +47,8 @@ def runs(tmp_path_factory):
 
 def test_sample_writes_images_and_grid(runs, tmp_path):
     """3 images in batches of 2 give seed PNGs and a grid; seed 1 alone redraws the same image
-    (to one 8-bit level: batched matmuls round differently)."""
+    (to one 8-bit level: batched matmuls round differently). A second call into the folder is refused, and
+    with --overwrite replaces all of the first call's files."""
     out = tmp_path / "a"
     r = run(runs["cache"], f"--out_dir={out}", "--num_samples=3", "--batch_size=2", "--height=64", "--width=64")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -59,6 +60,13 @@ def test_sample_writes_images_and_grid(runs, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = np.abs(image(out, "seed1.png") - image(again, "seed1.png")).max()
     assert d <= 1, f"seed 1 alone differs from seed 1 in a batch by {d} levels"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    r = run(runs["cache"], f"--out_dir={out}", "--num_samples=1", "--height=64", "--width=64")
+    assert r.returncode != 0 and "--overwrite" in r.stderr, r.stderr[-2000:]  # an earlier call's images are there
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+    r = run(runs["cache"], f"--out_dir={out}", "--num_samples=1", "--height=64", "--width=64", "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["grid.png", "sample.json", "seed0.png"]  # none of the first call's left
 
 def test_sample_lora_folder_or_either_file(runs, tmp_path):
     """--lora takes the run folder or either of its two files and draws the same image (LoRA merged,
@@ -117,15 +125,44 @@ def test_sample_placeholder_past_77_tokens(runs, tmp_path):
                         "use --device=cpu"),
     (["--device=gpu"], "device='gpu' is not a device: use --device=cpu"),
     (["--attention"], "give a training result with --lora"),
+    (["--steps=0"], "steps, num_samples and batch_size must be >= 1, got 0"),
+    (["--height=100"], "height must be None (the model's size) or a multiple of 8 pixels, got 100"),
+    (["--postprocess", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
 ])
 def test_sample_checks_settings_first(tmp_path, args, message):
     """A misspelt setting, a value outside its set, a device this machine lacks (it has no GPU) stop
     before any model loads (the tiny pipeline is never built in the empty cache)."""
     if "cuda" in args[0] and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
-    r = run(tmp_path / "cache", *args)
+    r = run(tmp_path / "cache", f"--out_dir={tmp_path / 'out'}", *args)
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
     assert not os.path.exists(tmp_path / "cache"), "a model was loaded before the settings were checked"
+
+def test_sample_checks_against_the_model_before_drawing(runs, tmp_path, monkeypatch):
+    """Past the model's load, before drawing: DDIM steps past the schedule, --attention at a size without the
+    run's maps, a run trained on a model of another text-encoder width (its config's init_from named); tokens
+    the run did not learn are reported. A folder called tiny in the working directory is not the tiny model."""
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'a'}", f"--lora={runs['lora']}", "--steps=1000",
+            "--prompt=a photo of <v3> person")
+    assert r.returncode != 0 and "--steps=1000: DDIM takes 1 to 999 steps" in r.stderr, r.stderr[-2000:]
+    assert "<v3> in the prompt is not a learned token" in r.stdout, r.stdout[-2000:]
+    assert "uses none of the learned tokens (<v1> <v2>)" in r.stdout, r.stdout[-2000:]
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'b'}", f"--lora={runs['lora']}", "--attention", "--height=8",
+            "--width=8")
+    assert r.returncode != 0 and "no cross-attention map is [4] on a side" in r.stderr, r.stderr[-2000:]
+    wide = tmp_path / "sd15_run"
+    sd = StableDiffusion.from_pretrained(str(runs["cache"] / "magicapture" / "tiny-sd"))
+    lora.save_result(str(wide), sd.unet, None, {"<v1>": torch.zeros(768), "<v2>": torch.zeros(768)}, {})
+    with open(wide / "config.json", "w") as f:
+        json.dump(dict(init_from="stable-diffusion-v1-5/stable-diffusion-v1-5"), f)
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'c'}", f"--lora={wide}")
+    assert "was trained on stable-diffusion-v1-5/stable-diffusion-v1-5, and this draws with tiny" in r.stdout
+    assert r.returncode != 0 and "holds token vectors 768 wide" in r.stderr and "Traceback" not in r.stderr
+    assert not any(os.path.exists(tmp_path / d) for d in "abc")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(runs["cache"]))
+    (tmp_path / "tiny").mkdir()
+    assert StableDiffusion.from_pretrained("tiny").unet is not None
 
 def test_sample_help_after_config(tmp_path):
     """--help after a config file shows the config's values beside the defaults, and loads nothing."""
