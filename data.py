@@ -132,7 +132,7 @@ def load_folder(folder, min_images=2):
             bad.append(f"  {path}: {e}")
             continue
         if min(im.size) < 64:
-            bad.append(f"  {path}: only {im.size[0]}x{im.size[1]} pixels")
+            bad.append(f"  {path}: only {im.size[0]}x{im.size[1]} pixels (64 on the short side at least)")
             continue
         p = Photo(path, im)
         if mp is not None:

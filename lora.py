@@ -15,6 +15,7 @@ files. An SDXL run (two text encoders) writes SDXL's variants of the same format
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -22,8 +23,8 @@ import shutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 # SD1.x {token: vector}, diffusers' load_textual_inversion format; SDXL {"clip_l": (n_tokens, 768), "clip_g":
@@ -171,9 +172,36 @@ def save_lora_file(unet, text_encoder, path, metadata=None, text_encoder_2=None)
     save_file({k: v.cpu() for k, v in sd.items()}, path, metadata=metadata)
 
 
+def read(path):
+    """(tensors, header) of a .safetensors file; a file that cannot be read is named."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}): cut short, or a git-lfs pointer "
+                         "instead of the file?") from None
+
+
+def alpha_over_rank(config, prefix, name, rank):
+    """The update's factor alpha / rank for one module of a file whose header records its peft LoraConfig per
+    prefix (diffusers' lora_adapter_metadata: "unet.lora_alpha", "unet.alpha_pattern", ...). Files without it
+    (ours: alpha / rank is folded into B) get 1, which is what diffusers assumes too."""
+    if f"{prefix}.lora_alpha" not in config:
+        return 1.0
+    if config.get(f"{prefix}.use_dora"):
+        raise ValueError(f"{prefix}: a DoRA adapter (use_dora), which this LoRA cannot apply")
+    alpha = config[f"{prefix}.lora_alpha"]
+    for pattern, a in (config.get(f"{prefix}.alpha_pattern") or {}).items():  # peft: a pattern matches a name's end
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", name):
+            alpha = a
+    return alpha / (math.sqrt(rank) if config.get(f"{prefix}.use_rslora") else rank)
+
+
 def load_lora_file(unet, text_encoder, path, scale=1.0, text_encoder_2=None):
-    """Read a file written by save_lora_file into the models, injecting LoRA where it is missing."""
-    sd = load_file(path)
+    """Read a file written by save_lora_file (or by diffusers' save_lora_weights, whose header may record
+    lora_alpha) into the models, injecting LoRA where it is missing."""
+    sd, header = read(path)
+    config = json.loads(header.get("lora_adapter_metadata", "{}"))
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
     a_keys = [k for k in sd if k.endswith(suffix_a)]
@@ -188,7 +216,11 @@ def load_lora_file(unet, text_encoder, path, scale=1.0, text_encoder_2=None):
         b = sd.get(key[: -len(suffix_a)] + suffix_b)
         if b is None:
             raise ValueError(f"{path}: {key} has no matching lora_B")
-        m = model.get_submodule(name)
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: {key} names {name}, which the {prefix} has not: a LoRA for another model, "
+                             "or in another naming") from None
         if not isinstance(m, LoRALinear):
             # its own generator: the random init is overwritten below, and the global RNG stays untouched
             inject(model, [re.escape(name)], rank=a.shape[0], generator=torch.Generator())
@@ -201,7 +233,10 @@ def load_lora_file(unet, text_encoder, path, scale=1.0, text_encoder_2=None):
         with torch.no_grad():
             m.lora_A.weight.copy_(a)
             m.lora_B.weight.copy_(b)
-        m.alpha = m.rank  # B in the file already carries alpha/rank
+        try:  # B in our files already carries alpha / rank; a peft LoraConfig in the header gives its own
+            m.alpha = m.rank * alpha_over_rank(config, prefix, name, m.rank)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     for model in models.values():
         if model is not None:
             set_scale(model, scale)
@@ -376,11 +411,13 @@ def load_result(sd, path, scale=1.0, text_scale=None):
                          f"out_dir) or its {EMBEDS_FILE} or {LORA_FILE}")
     embeds_path, lora_path = os.path.join(folder, EMBEDS_FILE), os.path.join(folder, LORA_FILE)
     if not os.path.isfile(embeds_path):
-        raise FileNotFoundError(f"{folder or '.'} has no {EMBEDS_FILE}: not a training run's folder "
-                                f"(train.py writes it into out_dir at the end of a run)")
+        unfinished = os.path.isdir(os.path.join(folder, "checkpoints"))  # train.py's, before its end
+        raise FileNotFoundError(f"{folder or '.'} has no {EMBEDS_FILE}: " + (
+            "an unfinished run (train.py writes it at the end): finish it with train.py's --resume" if unfinished
+            else "not a training run's folder (train.py writes it into out_dir at the end of a run)"))
     text_encoder_2 = getattr(sd, "text_encoder_2", None)
-    with safe_open(embeds_path, "pt") as f:
-        sdxl_run, header = set(f.keys()) == {"clip_l", "clip_g"}, f.metadata() or {}
+    embeds, header = read(embeds_path)
+    sdxl_run = set(embeds) == {"clip_l", "clip_g"}
     if sdxl_run != (text_encoder_2 is not None):
         kinds = ("an SDXL", "an SD1.x") if sdxl_run else ("an SD1.x", "an SDXL")
         raise ValueError(f"{embeds_path} is {kinds[0]} run's, and the model is {kinds[1]} one: load the run into "
@@ -388,7 +425,11 @@ def load_result(sd, path, scale=1.0, text_scale=None):
     if sdxl_run and "tokens" not in header:
         raise ValueError(f"{embeds_path}: clip_l and clip_g rows without the header's \"tokens\" list that names "
                          "them: not written by lora.save_result")
-    embeds = load_file(embeds_path)
+    if not sdxl_run:  # one vector per token; diffusers' textual inversion writes each as (1, width)
+        for t, v in embeds.items():
+            if v.dim() != 1 and not (v.dim() == 2 and v.shape[0] == 1):
+                raise ValueError(f"{embeds_path}: {t} is {tuple(v.shape)}; one vector per token is read")
+        embeds = {t: v.reshape(-1) for t, v in embeds.items()}
     pairs = ([(embeds["clip_l"], sd.text_encoder), (embeds["clip_g"], text_encoder_2)] if sdxl_run
              else [(v, sd.text_encoder) for v in embeds.values()])
     for vectors, text_encoder in pairs:  # checked before anything is changed
@@ -415,7 +456,7 @@ def load_result(sd, path, scale=1.0, text_scale=None):
     if os.path.isfile(weights_path):  # parameters the run trained in full replace the base model's
         models = {"unet": sd.unet, "text_encoder": sd.text_encoder, "text_encoder_2": text_encoder_2}
         with torch.no_grad():
-            for key, value in load_file(weights_path).items():
+            for key, value in read(weights_path)[0].items():
                 prefix, _, name = key.partition(".")
                 if models.get(prefix) is None:
                     raise ValueError(f"{weights_path}: {key} is for none of the model's unet and text encoders")

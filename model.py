@@ -15,6 +15,7 @@ dictates an odd name (`to_out.0`, `ff.net.2`, `conv_norm_out`) a comment says so
     sdxl = StableDiffusion.from_pretrained(SDXL_REPO, variant="fp16", dtype=torch.float16, device="cuda")
 """
 
+import glob
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import (flop_registry, register_flop_formula, sdpa_backward_flop_count,
@@ -287,11 +289,19 @@ class CLIPTokenizer:
 
     @classmethod
     def from_dir(cls, path):
-        with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+        if os.path.exists(os.path.join(path, "vocab.json")):
+            with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(os.path.join(path, "merges.txt"), encoding="utf-8") as f:
+                lines = f.read().split("\n")
+            merges = [tuple(l.split(" ")) for l in lines if l and not l.startswith("#version")]
+        elif os.path.exists(os.path.join(path, "tokenizer.json")):  # all transformers 5 saves: the same, in one file
+            bpe = read_json(os.path.join(path, "tokenizer.json"))["model"]
+            vocab = bpe["vocab"]
+            merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]  # "a b" or [a, b]
+        else:
+            raise FileNotFoundError(f"{path} has neither vocab.json and merges.txt nor tokenizer.json: not a CLIP "
+                                    "tokenizer folder")
         pad = "<|endoftext|>"
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(path, name)
@@ -1180,6 +1190,32 @@ def weights_name(part, variant=None):
     stem = PARTS[part][1]
     return f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
 
+def weight_files(folder, part, variant=None):
+    """A pipeline part's weight files: its one .safetensors, or the shards its index lists (diffusers and
+    transformers split a file over their size limit, 10 GB for diffusers: SDXL's UNet saved in fp32)."""
+    single = os.path.join(folder, part, weights_name(part, variant))
+    index = os.path.join(folder, part, f"{PARTS[part][1]}.safetensors.index{'.' + variant if variant else ''}.json")
+    if os.path.exists(single):
+        return [single]
+    if os.path.exists(index):
+        return [os.path.join(folder, part, f) for f in sorted(set(read_json(index)["weight_map"].values()))]
+    pickled = glob.glob(os.path.join(folder, part, "*.bin"))
+    raise FileNotFoundError(f"{single} is missing" + (f" (no '{variant}' variant?)" if variant else "") + (
+        f"; {os.path.basename(pickled[0])} is there, but only .safetensors files are read (a pickled .bin can run "
+        "code): convert the folder with diffusers, from_pretrained(folder).save_pretrained(new_folder)"
+        if pickled else ""))
+
+def read_safetensors(files):
+    """The tensors of one model's .safetensors files, as one dict; a file that cannot be read is named."""
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(f))
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a readable .safetensors file ({e}): cut short, or a git-lfs pointer "
+                             "instead of the file? Download or write it again") from None
+    return tensors
+
 def fix_legacy_keys(part, sd):
     """The one place where file keys differ from module paths; everything else loads as named."""
     if part in ("text_encoder", "text_encoder_2"):
@@ -1234,6 +1270,9 @@ def hub_download(repo_id, variant=None):
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
     patterns += [f"{p}/{PARTS[p][0]}" for p in PARTS] + [f"{p}/{weights_name(p, variant)}" for p in PARTS]
+    if not variant:  # a part split in shards: its index, and the shards it lists
+        patterns += [f"{p}/{PARTS[p][1]}.safetensors.index.json" for p in PARTS]
+        patterns += [f"{p}/{PARTS[p][1]}-*-of-*.safetensors" for p in PARTS]
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
@@ -1245,9 +1284,14 @@ def hub_download(repo_id, variant=None):
             f"  hf download {repo_id} --include {' '.join(patterns)} --local-dir <dir>\n"
             f"copy <dir> here and pass its path as init_from.\n({type(e).__name__}: {e})") from e
     for p in pipeline_parts(read_json(os.path.join(path, "model_index.json"))):
-        if not os.path.exists(os.path.join(path, p, weights_name(p, variant))):
-            raise FileNotFoundError(f"'{repo_id}' has no {p}/{weights_name(p, variant)}"
-                                    + (f" (is there a '{variant}' variant?)" if variant else ""))
+        try:
+            weight_files(path, p, variant)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"the cached copy of '{repo_id}' ({path}) has no {p}/{weights_name(p, variant)}: a download cut "
+                f"short, or the repo has no such file{f' (is there a {variant!r} variant?)' if variant else ''}. "
+                f"Run once with network access to complete it, or fetch it with `hf download {repo_id} "
+                f"{p}/{weights_name(p, variant)}`") from None
     return path
 
 def hub_file(repo_id, name):
@@ -1298,6 +1342,8 @@ def tower_folder(cls, name_or_dir, repo, tiny_name, weight_names):
             print(f"building the tiny random {cls.__name__} in {path}")
             cls.tiny().save_pretrained(path)
         return path
+    if os.path.isfile(name_or_dir):
+        raise FileNotFoundError(f"{name_or_dir!r} is one file: pass the folder that holds it and its config.json")
     if name_or_dir.count("/") == 1 and not name_or_dir.startswith((".", "/", "~")):
         return tower_hub_download(name_or_dir, weight_names)
     raise FileNotFoundError(f"{name_or_dir!r} is neither a folder nor a Hub repo id (owner/name, e.g. {repo}) nor 'tiny'")
@@ -1325,7 +1371,7 @@ def load_tower(cls, config_cls, part, folder, weight_names, device, dtype):
                                 f"{' or '.join(weight_names)}")
     with on_meta():
         m = cls(config_from_dict(config_cls, read_json(config_file), part))
-    sd = load_file(weights[0]) if weights[0].endswith(".safetensors") else \
+    sd = read_safetensors(weights[:1]) if weights[0].endswith(".safetensors") else \
         torch.load(weights[0], map_location="cpu", weights_only=True)
     load_strict(m, fix_legacy_keys(part, sd), weights[0])
     return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -1428,6 +1474,10 @@ class StableDiffusion(nn.Module):
             if not os.path.exists(os.path.join(path, "model_index.json")):
                 print(f"building the tiny random pipeline in {path}")
                 build().save_pretrained(path)
+        elif os.path.isfile(name_or_dir):
+            raise FileNotFoundError(f"init_from={name_or_dir!r} is one file; this reads the diffusers folder layout. "
+                                    "Convert a single-file checkpoint with diffusers: StableDiffusionPipeline"
+                                    f".from_single_file({name_or_dir!r}).save_pretrained(folder), then pass folder")
         elif name_or_dir.count("/") == 1 and not name_or_dir.startswith((".", "/", "~")):
             path = hub_download(name_or_dir, variant)
         else:
@@ -1450,10 +1500,8 @@ class StableDiffusion(nn.Module):
                              f"{list(parts['text_encoder_2'].config.architectures)}; SDXL's second text encoder is "
                              "a CLIPTextModelWithProjection (its pooled output conditions the UNet)")
         for p, module in parts.items():
-            file = os.path.join(path, p, weights_name(p, variant))
-            if not os.path.exists(file):
-                raise FileNotFoundError(f"{file} is missing" + (f" (no '{variant}' variant?)" if variant else ""))
-            load_strict(module, fix_legacy_keys(p, load_file(file)), file)
+            files = weight_files(path, p, variant)
+            load_strict(module, fix_legacy_keys(p, read_safetensors(files)), files[0])
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
         tokenizer = CLIPTokenizer.from_dir(os.path.join(path, "tokenizer"))
         # SDXL's tokenizer_2: the same vocabulary and merges, padded with "!" (its special_tokens_map.json)
@@ -1483,6 +1531,10 @@ class StableDiffusion(nn.Module):
                 n = len(module.config.block_out_channels)
                 cfg.update(down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n)
             tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+            lora = [k for k in tensors if ".lora_A." in k or ".lora_B." in k]
+            if lora:  # diffusers would load the folder and ignore them: the base model, silently
+                raise ValueError(f"the {p} has LoRA layers ({lora[0]}, ...): a pipeline folder holds plain weights; "
+                                 "save the LoRA with lora.save_result instead")
             if p in towers:
                 # special ids from the tokenizer: the SD1.5 and SDXL files' 0/2/1 are wrong for CLIP
                 tok = towers[p]

@@ -87,9 +87,9 @@ if run_folder and os.path.isfile(os.path.join(run_folder, "config.json")):
 if run_config.get("init_from") not in (None, init_from):  # a LoRA may be meant for a related model: warn only
     print(f"warning: {run_folder} was trained on {run_config['init_from']}, and this draws with {init_from} "
           f"(--init_from={run_config['init_from']} draws with the model it was trained on)")
-if run_folder and os.path.isdir(os.path.join(run_folder, "pipeline")) and init_from != os.path.join(run_folder, "pipeline"):
-    print(f"warning: {run_folder} fine-tuned the whole model: --init_from={os.path.join(run_folder, 'pipeline')} "
-          "draws with it")
+pipeline = os.path.join(run_folder, "pipeline") if run_folder else None  # a DreamBooth run's whole model
+if pipeline and os.path.isdir(pipeline) and os.path.normpath(init_from) != os.path.normpath(pipeline):
+    print(f"warning: {run_folder} fine-tuned the whole model: --init_from={pipeline} draws with it")
 
 def heatmaps(rec, n_uncond, size):
     """Average each token's recorded maps over steps, layers and heads -> (B, K, H, W) in [0, 1]."""
@@ -141,8 +141,8 @@ if attention:
                          f"({run_config.get('resolution')})")
 unknown = sorted(set(re.findall(r"<[^<>\s]+>", prompt)) - set(tokens))
 if unknown:
-    print(f"warning: {' '.join(unknown)} in the prompt {'is' if len(unknown) == 1 else 'are'} not a learned token "
-          f"({' '.join(tokens) or 'no --lora given'}): CLIP reads {'it' if len(unknown) == 1 else 'them'} as plain text")
+    print(f"warning: {' '.join(unknown)} in the prompt: not a learned token ({' '.join(tokens) or 'no --lora given'});"
+          " CLIP reads it as plain text")
 if tokens and not any(t in prompt for t in tokens):
     print(f"warning: the prompt uses none of the learned tokens ({' '.join(tokens)}): the images show the LoRA's "
           "effect alone")

@@ -159,10 +159,16 @@ check_choice("subject", subject, ("face", "object"))
 if subject == "object" and (lambda_id > 0 or source_face_crop):
     raise SystemExit("subject=object has no faces: set lambda_id=0 and source_face_crop=False (config/object.py does)")
 device = check_device(device)
-if len(tokens) != 2 or not (phase1_steps >= 0 and phase2_steps >= 0 and phase1_steps + phase2_steps > 0
-                            and grad_accum >= 1 and batch_size >= 1 and keep_checkpoints >= 1):
-    raise SystemExit("tokens must be two strings; phase steps >= 0, and > 0 together; grad_accum, batch_size and "
-                     "keep_checkpoints >= 1")
+if len(tokens) != 2 or tokens[0] == tokens[1] or not (
+        phase1_steps >= 0 and phase2_steps >= 0 and phase1_steps + phase2_steps > 0
+        and grad_accum >= 1 and batch_size >= 1 and keep_checkpoints >= 1):
+    raise SystemExit("tokens must be two different strings; phase steps >= 0, and > 0 together; grad_accum, "
+                     "batch_size and keep_checkpoints >= 1")
+for name, templates, n in (("source_templates", source_templates, 1), ("reference_templates", reference_templates, 1),
+                           ("composed_templates", composed_templates, 2)):
+    if not templates or any(t.count("{}") != n for t in templates):  # each {} takes a token, in order
+        raise SystemExit(f"{name} must be one or more prompts with {n} {{}} each (where the "
+                         f"token{'s go' if n > 1 else ' goes'}), got {templates!r}")
 draws = batch_size * grad_accum  # a step's draws, in both phases
 if phase1_batch_size is not None and not (isinstance(phase1_batch_size, int) and phase1_batch_size >= 1
                                           and draws % phase1_batch_size == 0):
@@ -184,6 +190,9 @@ if not (1 < t_id_max <= 1000 and 0 < phase2_t_max <= 1000):
     raise SystemExit(f"t_id_max must be in 2..1000 and phase2_t_max in 1..1000, got {t_id_max} and {phase2_t_max}")
 if id_batch_size is not None and not (isinstance(id_batch_size, int) and id_batch_size >= 1):
     raise SystemExit(f"id_batch_size must be None (all at once) or >= 1, got {id_batch_size!r}")
+if save_pipeline and (lora_targets or lora_text_encoder):  # its folder would hold base weights beside the LoRA
+    raise SystemExit("save_pipeline writes the model trained in full (full_targets, DreamBooth), and a LoRA run's "
+                     "result is its LoRA file: set lora_targets=() and lora_text_encoder=False, or save_pipeline=False")
 if prior_prompt and prior_images < 1:
     raise SystemExit(f"prior preservation needs prior_images >= 1, got {prior_images}")
 if not 0 <= min_mask_fraction < 0.5:
@@ -213,7 +222,8 @@ total_steps = phase1_steps + phase2_steps
 # Checked before anything is read or written, so a wrong command loses nothing.
 ckpt_dir = os.path.join(out_dir, "checkpoints")
 log_path = os.path.join(out_dir, "log.jsonl")
-RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE, lora.WEIGHTS_FILE)
+RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE,
+             lora.WEIGHTS_FILE)
 RUN_DIRS = ("checkpoints", "samples", "masks", lora.EMBEDS_DIR, "pipeline")
 # What a resumed run may change: where the files are, how a step's draws are laid out and computed (the same
 # batch_size * grad_accum draws and expected update), and what is logged, drawn and kept. Every other setting

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lora
 from model import CLIPTextModel, StableDiffusion, TextConfig, tiny_tokenizer
@@ -471,6 +471,51 @@ def test_load_result_errors(tmp_path):
         with pytest.raises(error) as e:
             lora.load_result(StableDiffusion.tiny(), str(path))
         assert message in str(e.value) and lora.EMBEDS_FILE in str(e.value), str(e.value)
+
+
+def test_diffusers_lora_file_with_alpha_in_its_header(tmp_path):
+    """A LoRA file diffusers wrote from a peft adapter with lora_alpha != r (and an alpha_pattern) records that in
+    its header, with B unscaled: loaded, it gives the adapter's own update, not one at alpha = r."""
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    sd = StableDiffusion.tiny()
+    lora.inject(sd.unet, lora.PAPER_UNET, rank=4, alpha=8, generator=torch.Generator().manual_seed(0))
+    randomise_b(sd.unet)
+    for name, m in lora.lora_modules(sd.unet):
+        m.alpha = 2 if name.endswith("to_k") else 8
+    layers = {f"{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().clone()  # B as peft keeps it
+              for n, m in lora.lora_modules(sd.unet) for ab in "AB"}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        str(tmp_path), unet_lora_layers=layers,
+        unet_lora_adapter_metadata=dict(r=4, lora_alpha=8, alpha_pattern={"attn2.to_k": 2}))
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, sd.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        want = sd.unet(x, t, c)
+        fresh = StableDiffusion.tiny()
+        base = fresh.unet(x, t, c)
+        lora.load_lora_file(fresh.unet, None, str(tmp_path / lora.LORA_FILE))
+        got = fresh.unet(x, t, c)
+    assert maxdiff(want, base) > 1e-3 and maxdiff(got, want) < 1e-5, (maxdiff(got, want), maxdiff(want, base))
+
+
+def test_load_result_reads_diffusers_token_rows_and_names_bad_files(tmp_path):
+    """Token vectors saved (1, width), as diffusers' textual inversion saves them, load; a LoRA key for a module
+    the model lacks, and a file cut short, are named."""
+    save_run(tmp_path / "run", text_encoder=False)
+    rows = load_file(str(tmp_path / "run" / lora.EMBEDS_FILE))
+    save_file({t: v[None] for t, v in rows.items()}, str(tmp_path / "run" / lora.EMBEDS_FILE))
+    sd = StableDiffusion.tiny()
+    assert lora.load_result(sd, str(tmp_path / "run")) == ["<v1>", "<v2>"]
+    table = sd.text_encoder.text_model.embeddings.token_embedding.weight
+    assert torch.equal(table[-2], rows["<v1>"]) and torch.equal(table[-1], rows["<v2>"])
+    f = str(tmp_path / "run" / lora.LORA_FILE)
+    sd_file = load_file(f)
+    save_file({k.replace("down_blocks.1", "down_blocks.9"): v for k, v in sd_file.items()}, f)
+    with pytest.raises(ValueError, match="names down_blocks.9.*which the unet has not"):
+        lora.load_result(StableDiffusion.tiny(), str(tmp_path / "run"))
+    data = open(f, "rb").read()
+    open(f, "wb").write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="is not a readable .safetensors file"):
+        lora.load_result(StableDiffusion.tiny(), str(tmp_path / "run"))
 
 
 def test_load_lora_file_leaves_global_rng(tmp_path):

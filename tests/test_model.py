@@ -440,6 +440,44 @@ def test_missing_file_is_named(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="unet/config.json"):
         load(path)
 
+def test_shards_and_tokenizer_json_load(tiny_dir, tmp_path):
+    """A UNet in shards with their index (as diffusers saves one over its size limit) and a tokenizer saved by
+    transformers 5 (tokenizer.json only) load to the same weights and ids."""
+    import diffusers
+    import transformers
+    path = str(tmp_path / "m")
+    shutil.copytree(tiny_dir, path)
+    shutil.rmtree(os.path.join(path, "unet"))
+    diffusers.UNet2DConditionModel.from_pretrained(os.path.join(tiny_dir, "unet")).save_pretrained(
+        os.path.join(path, "unet"), max_shard_size="200KB")
+    assert len([f for f in os.listdir(os.path.join(path, "unet")) if f.endswith(".safetensors")]) > 1
+    shutil.rmtree(os.path.join(path, "tokenizer"))
+    transformers.CLIPTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer")).save_pretrained(
+        os.path.join(path, "tokenizer"))
+    for name in ("vocab.json", "merges.txt"):  # whatever transformers wrote, only tokenizer.json is left
+        if os.path.exists(os.path.join(path, "tokenizer", name)):
+            os.remove(os.path.join(path, "tokenizer", name))
+    ours, want = load(path), load(tiny_dir)
+    for (k, a), (_, b) in zip(sorted(ours.unet.state_dict().items()), sorted(want.unet.state_dict().items())):
+        assert torch.equal(a, b), k
+    assert torch.equal(ours.tokenizer(PROMPTS), want.tokenizer(PROMPTS))
+
+def test_unreadable_weights_are_named(tiny_dir, tmp_path):
+    """A .bin where the .safetensors should be, a file cut short, and one checkpoint file instead of a folder are
+    each named with what to do."""
+    path = str(tmp_path / "m")
+    shutil.copytree(tiny_dir, path)
+    vae = os.path.join(path, "vae", "diffusion_pytorch_model.safetensors")
+    data = open(vae, "rb").read()
+    open(vae, "wb").write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match="is not a readable .safetensors file"):
+        load(path)
+    os.replace(vae, vae.replace(".safetensors", ".bin"))
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.bin is there, but only .safetensors"):
+        load(path)
+    with pytest.raises(FileNotFoundError, match="is one file; this reads the diffusers folder layout"):
+        load(vae.replace(".safetensors", ".bin"))
+
 def test_key_and_shape_mismatch_are_named(tiny_dir, tmp_path):
     """A missing key, an unexpected key and a wrong shape are each reported by name."""
     path = str(tmp_path / "m")

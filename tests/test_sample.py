@@ -136,16 +136,17 @@ def test_sample_checks_settings_first(tmp_path, args, message):
         pytest.skip("this machine has a CUDA GPU")
     r = run(tmp_path / "cache", f"--out_dir={tmp_path / 'out'}", *args)
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
-    assert not os.path.exists(tmp_path / "cache"), "a model was loaded before the settings were checked"
+    assert not os.path.exists(tmp_path / "cache" / "magicapture"), "a model was loaded before the settings were checked"
 
 def test_sample_checks_against_the_model_before_drawing(runs, tmp_path, monkeypatch):
     """Past the model's load, before drawing: DDIM steps past the schedule, --attention at a size without the
-    run's maps, a run trained on a model of another text-encoder width (its config's init_from named); tokens
-    the run did not learn are reported. A folder called tiny in the working directory is not the tiny model."""
+    run's maps, a run trained on a model of another text-encoder width (its config's init_from named), an
+    unfinished run; tokens the run did not learn are reported. A folder called tiny in the working directory is
+    not the tiny model."""
     r = run(runs["cache"], f"--out_dir={tmp_path / 'a'}", f"--lora={runs['lora']}", "--steps=1000",
             "--prompt=a photo of <v3> person")
     assert r.returncode != 0 and "--steps=1000: DDIM takes 1 to 999 steps" in r.stderr, r.stderr[-2000:]
-    assert "<v3> in the prompt is not a learned token" in r.stdout, r.stdout[-2000:]
+    assert "<v3> in the prompt: not a learned token (<v1> <v2>)" in r.stdout, r.stdout[-2000:]
     assert "uses none of the learned tokens (<v1> <v2>)" in r.stdout, r.stdout[-2000:]
     r = run(runs["cache"], f"--out_dir={tmp_path / 'b'}", f"--lora={runs['lora']}", "--attention", "--height=8",
             "--width=8")
@@ -158,7 +159,10 @@ def test_sample_checks_against_the_model_before_drawing(runs, tmp_path, monkeypa
     r = run(runs["cache"], f"--out_dir={tmp_path / 'c'}", f"--lora={wide}")
     assert "was trained on stable-diffusion-v1-5/stable-diffusion-v1-5, and this draws with tiny" in r.stdout
     assert r.returncode != 0 and "holds token vectors 768 wide" in r.stderr and "Traceback" not in r.stderr
-    assert not any(os.path.exists(tmp_path / d) for d in "abc")
+    (tmp_path / "unfinished" / "checkpoints").mkdir(parents=True)
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'd'}", f"--lora={tmp_path / 'unfinished'}")
+    assert r.returncode != 0 and "an unfinished run" in r.stderr and "--resume" in r.stderr, r.stderr[-2000:]
+    assert not any(os.path.exists(tmp_path / d) for d in "abcd")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(runs["cache"]))
     (tmp_path / "tiny").mkdir()

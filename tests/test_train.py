@@ -614,7 +614,10 @@ def test_bad_settings(cache, tmp_path):
                       ("--lora_rank=0", "lora_rank must be >= 1, got 0"),
                       ("--eval_seeds=()", "eval_seeds must be a tuple of one or more integer seeds"),
                       ("--lr_embed1=-1.0", "lr_embed1 must be >= 0, got -1.0"),
-                      ("--resolution=0", "resolution must be a multiple of 64, got 0")):
+                      ("--resolution=0", "resolution must be a multiple of 64, got 0"),
+                      ("--tokens=('<v1>', '<v1>')", "tokens must be two different strings"),
+                      ("--composed_templates=('a photo of {} person',)", "composed_templates must be one or more "
+                                                                         "prompts with 2 {} each")):
         r = stops(cache, tmp_path / "x", bad)
         assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
     r = stops(cache, tmp_path / "x", "--dtype=fp8")
