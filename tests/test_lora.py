@@ -497,6 +497,12 @@ def test_diffusers_lora_file_with_alpha_in_its_header(tmp_path):
     assert maxdiff(want, base) > 1e-3 and maxdiff(got, want) < 1e-5, (maxdiff(got, want), maxdiff(want, base))
 
 
+def test_a_pipeline_with_lora_is_not_saved(tmp_path):
+    """save_pretrained refuses a model with LoRA layers: diffusers would load the folder as the base model."""
+    with pytest.raises(ValueError, match="has LoRA layers"):
+        tiny_with_lora(text_encoder=False).save_pretrained(str(tmp_path / "p"))
+
+
 def test_load_result_reads_diffusers_token_rows_and_names_bad_files(tmp_path):
     """Token vectors saved (1, width), as diffusers' textual inversion saves them, load; a LoRA key for a module
     the model lacks, and a file cut short, are named."""

@@ -616,6 +616,7 @@ def test_bad_settings(cache, tmp_path):
                       ("--lr_embed1=-1.0", "lr_embed1 must be >= 0, got -1.0"),
                       ("--resolution=0", "resolution must be a multiple of 64, got 0"),
                       ("--tokens=('<v1>', '<v1>')", "tokens must be two different strings"),
+                      ("--save_pipeline=True", "save_pipeline writes the model trained in full"),
                       ("--composed_templates=('a photo of {} person',)", "composed_templates must be one or more "
                                                                          "prompts with 2 {} each")):
         r = stops(cache, tmp_path / "x", bad)
