@@ -380,6 +380,8 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
         print(f"{run}: the images in {folder} were drawn with these settings; scoring them again")
         images = {"plain": read_images(folder, files["plain"])}
     else:
+        if os.path.exists(os.path.join(folder, "eval.json")):  # its scores are of the images about to go
+            os.remove(os.path.join(folder, "eval.json"))
         for old in glob.glob(os.path.join(folder, "p*_seed*.png")):  # another setting's images: none may stay
             os.remove(old)
         remember(folder, "enhanced", None)

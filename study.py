@@ -86,6 +86,7 @@ class Run:
     folder: str        # <out_dir>/<method>/<pair name>: train.py's out_dir
     phase1_steps: int  # scaled by step_scale
     phase2_steps: int
+    settings: dict     # every train.py setting the study trains it with (its config.json once trained)
     failed: str = ""   # why it did not finish: the command and the tail of its output
 
 
@@ -115,7 +116,7 @@ def train_settings(config, args):
     if r.returncode != 0:
         raise SystemExit(f"python train.py {config} {shlex.join(args)} --help failed:\n{r.stderr.strip()}")
     found = re.findall(r"^  (\w+) = (.*?)(?:    \(default .*\))?$", r.stdout, re.MULTILINE)
-    return {k: ast.literal_eval(v) for k, v in found if k in ("phase1_steps", "phase2_steps")}
+    return {k: ast.literal_eval(v) for k, v in found}
 
 
 def scaled(steps):
@@ -132,11 +133,16 @@ def last_logged_step(folder):
         return None
 
 
+# settings a run's config.json may hold otherwise than this call would train it: where it is and the machine's own
+MACHINE = ("out_dir", "resume", "overwrite", "device", "dtype")
+
+
 def plan(run):
-    """What run.folder asks of train.py -> (action, why). action: "new" (no run there), "finished" (its weights,
-    and a log that reached phase1 + phase2 steps), "other" (a run of other phase lengths: neither finished nor to
-    be resumed, and not deleted either), "resume" (interrupted, with a checkpoint), "overwrite" (an unfinished run
-    without a checkpoint: train.py refuses to start over it unless told)."""
+    """What run.folder asks of train.py -> (action, why). action: "new" (no run there), "finished" (its outputs,
+    loss.png written last, and a log that reached phase1 + phase2 steps), "other" (a run of other settings, other
+    photos or other phase lengths: neither finished nor to be resumed, and not deleted either), "resume"
+    (interrupted, with a checkpoint), "overwrite" (an unfinished run without a checkpoint: train.py refuses to
+    start over it unless told)."""
     held = [n for n in ("log.jsonl", lora.EMBEDS_FILE, lora.LORA_FILE) if os.path.exists(os.path.join(run.folder, n))]
     checkpoints = glob.glob(os.path.join(run.folder, "checkpoints", "step*.pt"))
     if not held and not checkpoints:
@@ -144,13 +150,15 @@ def plan(run):
     try:
         with open(os.path.join(run.folder, "config.json")) as f:
             cfg = json.load(f)
-        steps = (cfg["phase1_steps"], cfg["phase2_steps"])
-    except (OSError, ValueError, KeyError):
-        steps = None
-    if steps is not None and steps != (run.phase1_steps, run.phase2_steps):
-        return "other", (f"it holds a run of {steps[0]} + {steps[1]} steps, the study asks {run.phase1_steps} + "
-                         f"{run.phase2_steps}: delete the folder to train it anew, or give the study another out_dir")
-    if lora.EMBEDS_FILE in held and last_logged_step(run.folder) == run.phase1_steps + run.phase2_steps:
+    except (OSError, ValueError):
+        cfg = {}
+    changed = [f"{k}: {json.dumps(cfg[k])} -> {json.dumps(v)}" for k, v in run.settings.items()
+               if k not in MACHINE and k in cfg and json.dumps(cfg[k]) != json.dumps(v)]
+    if changed:
+        return "other", (f"it holds a run of other settings (the run's -> the study's: {'; '.join(changed)}): delete "
+                         "the folder to train it anew, or give the study another out_dir")
+    done = lora.EMBEDS_FILE in held and os.path.exists(os.path.join(run.folder, "loss.png"))  # train.py's last
+    if done and last_logged_step(run.folder) == run.phase1_steps + run.phase2_steps:
         return "finished", ""
     if checkpoints:
         return "resume", f"interrupted: resuming from {os.path.basename(max(checkpoints))}"
@@ -194,13 +202,16 @@ def elapsed(t0):
 
 
 def read_eval(run):
-    """run's eval/eval.json, or None when it has none or one older than its weights (scored before a retraining)."""
+    """run's eval/eval.json, or None when it has none, one older than its weights (scored before a retraining), or
+    one whose images are gone (an evaluation that failed while drawing anew)."""
     path = os.path.join(run.folder, "eval", "eval.json")
     weights = os.path.join(run.folder, lora.EMBEDS_FILE)
     if not os.path.isfile(path) or not os.path.isfile(weights) or os.path.getmtime(path) < os.path.getmtime(weights):
         return None
     with open(path) as f:
-        return json.load(f)
+        result = json.load(f)
+    files = [im["file"] for kind in KINDS if kind in result for im in result[kind]["images"]]
+    return result if all(os.path.isfile(os.path.join(run.folder, "eval", f)) for f in files) else None
 
 
 def pooled(method, config, kind, scored):
@@ -218,8 +229,9 @@ def pooled(method, config, kind, scored):
     return row, first
 
 
-def markdown(rows, failed, pair_list, sheet):
-    """study.md: our table, the paper's, the contact sheet if there is one (sheet), the runs that failed."""
+def markdown(rows, failed, pair_list, sheet, eval_failed=""):
+    """study.md: our table, the paper's, the contact sheet if there is one (sheet), the runs that failed, and
+    whether the evaluation failed (the scores are then earlier evaluations')."""
     def cell(v, fmt):
         return "—" if v is None else fmt(v)
     ours = ["| method | CSIM | Style | Aesthetic | pairs | no face |", "|---|---|---|---|---|---|"]
@@ -235,7 +247,10 @@ def markdown(rows, failed, pair_list, sheet):
     text = (f"# Study: {len(rows)} methods, {len(pair_list)} pair{'s' * (len(pair_list) > 1)}\n\n"
             "Each method's CSIM, Style and Aesthetic as mean ± std over all images of all its pairs (eval.py's "
             "per-image scores, pooled); pairs: how many were scored; no face: images in which no face was found "
-            "(CSIM 0).\n\n" + "\n".join(ours) + "\n\n"
+            "(CSIM 0).\n\n"
+            + ("**The evaluation of this call failed** (below): the scores are those of earlier evaluations, where "
+               "there were any, not of this call's settings.\n\n" if eval_failed else "")
+            + "\n".join(ours) + "\n\n"
             "The paper's numbers (MagiCapture, AAAI 2024, Tables 1 and 3; 10 identities x 10 styles, 100 images "
             "per pair), for scale:\n\n" + "\n".join(paper) + "\n")
     if sheet:
@@ -243,6 +258,8 @@ def markdown(rows, failed, pair_list, sheet):
                  + ", ".join(f"{p.name} ({p.source_dir}, {p.reference_dir})" for p in pair_list) + ".\n")
     if failed:
         text += "\n## Failed runs\n\n" + "\n\n".join(f"{run.folder}:\n\n```\n{run.failed}\n```" for run in failed) + "\n"
+    if eval_failed:
+        text += f"\n## Failed evaluation\n\n```\n{eval_failed}\n```\n"
     return text
 
 
@@ -278,10 +295,12 @@ if __name__ == "__main__":
     t0 = time.time()
 
     runs = []
-    for c in config_list:  # each config's phase lengths as train.py resolves them
-        steps = train_settings(c, extra_train)
-        runs += [Run(c, methods[c], p, os.path.join(out_dir, methods[c], p.name), scaled(steps["phase1_steps"]),
-                     scaled(steps["phase2_steps"])) for p in pair_list]
+    for c in config_list:  # each config's settings as train.py resolves them
+        settings = train_settings(c, extra_train)
+        steps = scaled(settings["phase1_steps"]), scaled(settings["phase2_steps"])
+        runs += [Run(c, methods[c], p, os.path.join(out_dir, methods[c], p.name), *steps,
+                     dict(settings, phase1_steps=steps[0], phase2_steps=steps[1], source_dir=p.source_dir,
+                          reference_dir=p.reference_dir)) for p in pair_list]
     print(f"{len(runs)} runs ({len(config_list)} configs x {len(pair_list)} pairs) in {out_dir}")
 
     for i, run in enumerate(runs, 1):
@@ -338,7 +357,7 @@ if __name__ == "__main__":
                        failed=[dict(run=r.folder, config=r.config, pair=r.pair.name, output=r.failed) for r in failed],
                        not_evaluated=unscored, evaluation_failed=eval_failed), f, indent=2)
     sheet = contact_sheet(rows, firsts, pair_list, os.path.join(out_dir, "study.png"))
-    text = markdown(rows, failed, pair_list, sheet)
+    text = markdown(rows, failed, pair_list, sheet, eval_failed)
     with open(os.path.join(out_dir, "study.md"), "w") as f:
         f.write(text)
     print("\n" + text)

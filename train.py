@@ -225,10 +225,10 @@ log_path = os.path.join(out_dir, "log.jsonl")
 RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE,
              lora.WEIGHTS_FILE)
 RUN_DIRS = ("checkpoints", "samples", "masks", lora.EMBEDS_DIR, "pipeline")
-# What a resumed run may change: where the files are, how a step's draws are laid out and computed (the same
+# What a resumed run may change: where the models are, how a step's draws are laid out and computed (the same
 # batch_size * grad_accum draws and expected update), and what is logged, drawn and kept. Every other setting
-# defines the run: the steps resumed under another value would belong to neither run.
-RESUMABLE = {"source_dir", "reference_dir", "synthetic_data", "out_dir", "variant", "detector_model",
+# defines the run, its photo folders too: the steps resumed under another value would belong to neither run.
+RESUMABLE = {"synthetic_data", "out_dir", "variant", "detector_model",
              "recognizer_model", "parser_model", "min_mask_fraction", "neutral_prompt", "save_pipeline", "batch_size",
              "grad_accum", "phase1_batch_size", "id_batch_size", "device", "gradient_checkpointing", "compile",
              "log_interval", "eval_interval", "eval_seeds", "eval_steps", "ckpt_interval", "keep_checkpoints",

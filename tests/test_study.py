@@ -134,7 +134,8 @@ def test_pairs_and_plans(tmp_path):
     for bad in ("data/me", "a/b:c/d,e/b:f/d", "x/y=a:b"):
         with pytest.raises(SystemExit, match="pairs"):
             study.parse_pairs(bad)
-    run = study.Run("config/portrait.py", "portrait", got[0], str(tmp_path), 2, 3)
+    settings = dict(phase1_steps=2, phase2_steps=3, lr_lora=1e-4, source_dir="data/me", device="cpu")
+    run = study.Run("config/portrait.py", "portrait", got[0], str(tmp_path), 2, 3, settings)
     assert study.plan(run) == ("new", "")
     (tmp_path / "log.jsonl").write_text('{"step": 1}\n')
     assert study.plan(run)[0] == "overwrite"  # a log, no checkpoint: train.py would refuse without --overwrite
@@ -143,7 +144,31 @@ def test_pairs_and_plans(tmp_path):
     assert study.plan(run) == ("resume", "interrupted: resuming from step000001.pt")
     (tmp_path / "log.jsonl").write_text('{"step": 1}\n{"step": 5}\n')
     (tmp_path / "learned_embeds.safetensors").write_bytes(b"")
+    assert study.plan(run)[0] == "resume"  # no loss.png: train.py died while writing its outputs
+    (tmp_path / "loss.png").write_bytes(b"")
     assert study.plan(run)[0] == "finished"
-    (tmp_path / "config.json").write_text('{"phase1_steps": 4, "phase2_steps": 1}')  # the same total, split otherwise
+    (tmp_path / "config.json").write_text(json.dumps(dict(settings, device="cuda", run_id="x")))  # the machine's own
+    assert study.plan(run)[0] == "finished"
+    (tmp_path / "config.json").write_text(json.dumps(dict(settings, phase1_steps=4, phase2_steps=1, lr_lora=1e-3,
+                                                          source_dir="data/you")))  # 5 steps too, split otherwise
     action, why = study.plan(run)
-    assert action == "other" and "4 + 1 steps" in why and "another out_dir" in why, why
+    assert action == "other" and "another out_dir" in why, why
+    assert "phase1_steps: 4 -> 2" in why and "lr_lora: 0.001 -> 0.0001" in why and 'source_dir: "data/you"' in why
+
+
+def test_scores_of_vanished_images_and_a_failed_evaluation(tmp_path):
+    """An eval.json whose images are gone (an evaluation that failed while drawing anew) is not read; a failed
+    evaluation is said at the top of study.md."""
+    pair = study.Pair("p", "s", "r")
+    run = study.Run("config/portrait.py", "portrait", pair, str(tmp_path), 1, 1, {})
+    (tmp_path / "learned_embeds.safetensors").write_bytes(b"")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "p0_seed0.png").write_bytes(b"")
+    result = dict(plain=dict(images=[dict(file="p0_seed0.png")]))
+    (tmp_path / "eval" / "eval.json").write_text(json.dumps(result))
+    assert study.read_eval(run) == result
+    os.remove(tmp_path / "eval" / "p0_seed0.png")
+    assert study.read_eval(run) is None
+    text = study.markdown([], [], [pair], None, eval_failed="$ python eval.py\nboom")
+    assert "The evaluation of this call failed" in text and "## Failed evaluation" in text and "boom" in text
+    assert "failed" not in study.markdown([], [], [pair], None)

@@ -253,11 +253,12 @@ def test_resume_refuses_other_settings(cache, run, tmp_path):
     out = tmp_path / "other"
     shutil.copytree(run[0], out)
     r = stops(cache, out, *SHARED, "--resume", "--phase1_steps=5", "--grad_accum=2", "--lr_lora=1e-3",
-              "--log_interval=2", "--batch_size=2", "--device=cpu")
+              "--log_interval=2", "--batch_size=2", "--device=cpu", f"--source_dir={cache / 'ref'}")
     assert r.returncode != 0, r.stderr[-2000:]
     said = r.stderr.splitlines()
     assert "  phase1_steps: 3 -> 5" in said and "  lr_lora: 0.003 -> 0.001" in said, r.stderr[-2000:]
     assert "  draws: 1 -> 4" in said and "log_interval" not in r.stderr, r.stderr[-2000:]
+    assert f'  source_dir: "{cache / "src"}" -> "{cache / "ref"}"' in said, r.stderr[-2000:]  # other photos
 
 def test_resume_without_checkpoint_creates_nothing(cache, tmp_path):
     """--resume in a folder without checkpoints stops before reading photos, and creates no folder."""
