@@ -213,6 +213,8 @@ def load_lora_file(unet, text_encoder, path, scale=1.0, text_encoder_2=None):
         if models.get(prefix) is None:
             raise ValueError(f"{path}: {key} is for {prefix!r}, which was not given")
         model, a = models[prefix], sd[key]
+        if hasattr(model, "text_model") and not name.startswith("text_model."):
+            name = "text_model." + name  # transformers 5's CLIPTextModel names its modules without text_model
         b = sd.get(key[: -len(suffix_a)] + suffix_b)
         if b is None:
             raise ValueError(f"{path}: {key} has no matching lora_B")

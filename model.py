@@ -1379,10 +1379,10 @@ def load_tower(cls, config_cls, part, folder, weight_names, device, dtype):
 def save_tower(module, path, meta):
     """config.json (meta + the dataclass config) and model.safetensors, as transformers writes a model folder."""
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**meta, **asdict(module.config)}, f, indent=2)
     save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
               os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:  # last: tower_folder takes a folder with it as built
+        json.dump({**meta, **asdict(module.config)}, f, indent=2)
 
 class FlopCounter(TorchDispatchMode):
     """The FLOPs of the ops run inside it, by torch's formulas (torch.utils.flop_counter's registry): the same
