@@ -894,8 +894,8 @@ def save_checkpoint(step, phase, gen_state=None):
                          + (f"The previous checkpoint {kept[-1]} is kept; free some space and run again with "
                             "--resume." if kept else "No checkpoint was written."))
     os.replace(path + ".tmp", path)
-    for old in checkpoints()[:-keep_checkpoints]:
-        os.remove(old)
+    for old in checkpoints()[:-keep_checkpoints] + glob.glob(os.path.join(ckpt_dir, "step*.pt.tmp")):
+        os.remove(old)  # (a .tmp left: a write that a kill cut short)
 
 def keep_done(step, phase, what, gen_state=None):
     """After `what` failed: checkpoint the `step` steps done (unless that checkpoint is there) and say so."""

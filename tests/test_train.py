@@ -140,6 +140,8 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
         f.write('{"step": 7, "phase"')  # the line a full disk cut short
     if resume_at == 3:
         (part / "checkpoints" / "step000004.pt").write_bytes(b"")  # the checkpoint a power cut left empty
+    if resume_at < 6:
+        (part / "checkpoints" / "step000005.pt.tmp").write_bytes(b"")  # a write a kill cut short: cleared
     r = train(cache, part, *SHARED, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {resume_at}" in r.stdout
