@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from model import hub_file
 import onnx_torch
@@ -96,8 +97,10 @@ def check_hash(path, hash_name):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             crc = zlib.crc32(chunk, crc)
     if f"{crc:08x}" != expected:
+        # the cache's snapshot path is a link to a blob, which a new download would link again: the blob must go
         raise RuntimeError(f"{path}: CRC32 {crc:08x} does not match {HUB_REPO}/{hash_name} ({expected}); the "
-                           f"download is corrupt or incomplete. Delete it from the Hugging Face cache and run again.")
+                           f"download is corrupt or incomplete. Delete {os.path.realpath(path)} and {path} (the "
+                           "cached file and its link) and run again.")
 
 
 _sessions = {}
@@ -168,22 +171,34 @@ def letterbox(image, size):
     return canvas, scale
 
 
-def detector_levels(outputs, batch):
+def per_image(out, batch, batch_minor=False):
+    """One detector output of a batch -> (batch, N, k). Exports give (N, k) or (1, N, k) per image. A batch comes
+    out image after image, or, batch_minor, location by location with the images inside, (y, x, image, anchor)
+    rows: InsightFace's SCRFD head before its October 2021 fix, which retinaface_10g's export has."""
+    k = out.shape[-1]
+    if batch_minor:
+        out = out.reshape(-1, batch, 2, k).swapaxes(0, 1)  # 2 anchors per location
+    return out.reshape(batch, -1, k)
+
+
+def detector_levels(outputs, batch, batch_minor=False):
     """The detector's 9 outputs per stride, in output order: [(stride, scores (batch, N, 1), box distances
     (batch, N, 4), landmark offsets (batch, N, 10))], N = (640 / stride)^2 * 2. numpy arrays or tensors.
-    Grouped by width and N rather than by position or name (copies of the model differ in both); exports
-    give (N, k) or (1, N, k) per image, and a batch comes out image after image either way."""
+    Grouped by width and N rather than by position or name (copies of the model differ in both)."""
     by_width = {1: {}, 4: {}, 10: {}}
     for out in outputs:
-        out = out.reshape(batch, -1, out.shape[-1])
-        assert out.shape[-1] in by_width, f"unexpected detector output of shape {tuple(out.shape)}"
+        if out.shape[-1] not in by_width:
+            raise ValueError(f"an output of shape {tuple(out.shape)}: not an SCRFD/RetinaFace detector, whose 9 "
+                             "outputs are scores, boxes and 5 landmarks ((N, 1), (N, 4), (N, 10)) at strides 8, 16, 32")
+        out = per_image(out, batch, batch_minor)
         by_width[out.shape[-1]][out.shape[1]] = out
     levels = []
     for n, score in by_width[1].items():
         stride = int(round((DET_SIZE * DET_SIZE * 2 / n) ** 0.5))
-        assert (DET_SIZE // stride) ** 2 * 2 == n and n in by_width[4] and n in by_width[10], \
-            f"detector outputs {[tuple(o.shape) for o in by_width[1].values()]}: no 640x640, 2-anchor stride fits " \
-            f"{n} rows"
+        if not ((DET_SIZE // stride) ** 2 * 2 == n and n in by_width[4] and n in by_width[10]):
+            raise ValueError(f"outputs {[tuple(o.shape) for o in by_width[1].values()]}: no 640x640, 2-anchor "
+                             f"stride fits {n} rows (an SCRFD/RetinaFace detector, such as retinaface_10g.onnx, "
+                             "is needed)")
         levels.append((stride, score, by_width[4][n], by_width[10][n]))
     return levels
 
@@ -192,11 +207,15 @@ def detect(image, model=None, threshold=0.5, nms=0.4):
     """Faces in an HxWx3 uint8 RGB image, best score first (score 0.5 and NMS IoU 0.4 as InsightFace)."""
     if not (image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
         raise ValueError(f"detect wants an HxWx3 uint8 RGB image, got {image.dtype} {image.shape}")
-    sess = session(model_path("detector", model))
+    path = model_path("detector", model)
     canvas, scale = letterbox(image, DET_SIZE)
     x = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
+    try:
+        levels = detector_levels(run(session(path), x), 1)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     boxes, scores, landmarks = [], [], []
-    for stride, score, bbox, kps in detector_levels(run(sess, x), 1):
+    for stride, score, bbox, kps in levels:
         score, bbox, kps = score[0], bbox[0], kps[0]
         g = DET_SIZE // stride
         # anchor centres: grid (x, y) * stride, no +0.5, 2 anchors per location listed one after the other
@@ -223,7 +242,11 @@ def detector_torch(model=None):
     net = onnx_torch.GraphModule(path).eval()
     x = torch.rand(2, 3, DET_SIZE, DET_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        got = [o.reshape(len(x), -1, o.shape[-1]).float().numpy() for o in net(x)]
+        outs, first = net(x), net(x[:1])
+    # how its batch comes out (per_image): image after image if the batch's first image reads as it does alone
+    net.batch_minor = not all(torch.allclose(per_image(o, 2)[0], per_image(f, 1)[0], rtol=1e-3, atol=1e-4)
+                              for o, f in zip(outs, first))
+    got = [per_image(o, len(x), net.batch_minor).float().numpy() for o in outs]
     for i in range(len(x)):
         for name, g, ref in zip(net.output_names, got, run(session(path), x[i:i + 1].numpy())):
             ref = ref.reshape(-1, ref.shape[-1]).astype(np.float32)
@@ -287,7 +310,7 @@ def detect_torch(net, images, threshold=0.5, nms=0.4, top_k=DET_TOP_K):
     B = len(images)
     canvas, scale = letterbox_torch(images, DET_SIZE)
     scores, boxes, landmarks = [], [], []
-    for stride, score, bbox, kps in detector_levels(net((canvas - 127.5) / 128.0), B):
+    for stride, score, bbox, kps in detector_levels(net((canvas - 127.5) / 128.0), B, net.batch_minor):
         g = DET_SIZE // stride
         # anchor centres as detect(), made on the device: grid (x, y) * stride, 2 anchors per location
         ys, xs = torch.meshgrid(*[torch.arange(g, device=images.device)] * 2, indexing="ij")
@@ -421,17 +444,34 @@ def face_mask(image, face, model=None, classes=tuple(range(1, 14))):
 # identity
 
 
-def arcface_input(crop):
-    """(112, 112, 3) uint8 RGB aligned crop -> (1, 3, 112, 112) float32 in [-1, 1], as ArcFace expects."""
-    return (crop.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None]
+@functools.lru_cache(maxsize=None)
+def takes_pixels(path):
+    """Whether a recognizer normalises its input itself: ArcFace models converted from MXNet begin with a Sub and
+    a Mul on 0..255 pixels (InsightFace tells them apart by those first nodes); the others take [-1, 1]."""
+    import onnx
+    return {"Sub", "Mul"} <= {n.op_type for n in onnx.load(path, load_external_data=False).graph.node[:8]}
+
+
+def arcface_input(crop, pixels=False):
+    """(112, 112, 3) uint8 RGB aligned crop -> (1, 3, 112, 112) float32 in [-1, 1], as ArcFace expects (pixels:
+    0..255, for a recognizer that takes_pixels)."""
+    x = crop.astype(np.float32)
+    return (x if pixels else x / 127.5 - 1.0).transpose(2, 0, 1)[None]
 
 
 def embed(image, face, model=None):
     """(512,) float32 L2-normalised ArcFace embedding of the face, aligned to the 112x112 template."""
-    sess = session(model_path("recognizer", model))
+    path = model_path("recognizer", model)
     crop = warp(image, similarity_transform(face.landmarks, ARCFACE_TEMPLATE), ARCFACE_SIZE)
-    e = run(sess, arcface_input(crop))[0][0].astype(np.float32)
+    e = run(session(path), arcface_input(crop, takes_pixels(path)))[0][0].astype(np.float32)
     return e / np.linalg.norm(e)
+
+
+class FromUnit(nn.Module):
+    """[-1, 1] -> 0..255 pixels, before a recognizer that takes_pixels."""
+
+    def forward(self, x):
+        return (x + 1) * 127.5
 
 
 def csim(image_a, image_b, detector=None, recognizer=None):
@@ -451,10 +491,12 @@ def arcface_torch(model=None):
     Runs the .onnx graph with torch ops (onnx_torch) and checks it against onnxruntime once, here."""
     path = model_path("recognizer", model)
     net = onnx_torch.GraphModule(path).eval()
+    if takes_pixels(path):
+        net = nn.Sequential(FromUnit(), net).eval()
     x = torch.rand(1, 3, ARCFACE_SIZE, ARCFACE_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         got = net(x).float().numpy()
-    ref = run(session(path), x.numpy())[0].astype(np.float32)
+    ref = run(session(path), ((x + 1) * 127.5 if takes_pixels(path) else x).numpy())[0].astype(np.float32)
     err = np.abs(got - ref).max()
     if not err <= 1e-3 * np.abs(ref).max():  # "not <=" also catches NaN
         raise RuntimeError(f"{path}: ArcFace in PyTorch disagrees with onnxruntime on a random input: "

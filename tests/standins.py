@@ -80,10 +80,13 @@ class TinySCRFD(nn.Module):
     count_include_pad=False) + 1x1 conv), a PAFPN neck (top-down F.interpolate(size=..., mode="nearest") + add,
     bottom-up strided convs + add) over strides 8/16/32, and per-stride heads (BN, conv + ReLU; score conv with
     sigmoid, box conv times a learned scale, landmark conv; 2 anchors per location) whose outputs are reshaped
-    to (N, 1), (N, 4), (N, 10) rows with the batch folded in, as det_10g's export (SCRFDHead.forward_single)."""
+    to (N, 1), (N, 4), (N, 10) rows with the batch folded in (SCRFDHead.forward_single). batch_minor: the rows
+    location by location with a batch's images inside, permute(2, 3, 0, 1), as the head exported det_10g (InsightFace
+    before its October 2021 fix); else image after image, permute(0, 2, 3, 1), as later exports."""
 
-    def __init__(self, c=8):
+    def __init__(self, c=8, batch_minor=True):
         super().__init__()
+        self.order = (2, 3, 0, 1) if batch_minor else (0, 2, 3, 1)
         self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
         self.stages = nn.ModuleList(nn.Conv2d(c, c, 3, 2, 1) for _ in range(3))  # strides 8, 16, 32
         self.avg_down = nn.Sequential(nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), nn.Conv2d(c, c, 1))
@@ -109,9 +112,9 @@ class TinySCRFD(nn.Module):
         scores, boxes, kps = [], [], []
         for i, f in enumerate(p):
             f = self.heads[i](f)
-            scores.append(self.cls[i](f).permute(0, 2, 3, 1).reshape(-1, 1).sigmoid())
-            boxes.append((self.reg[i](f) * self.scales[i]).permute(0, 2, 3, 1).reshape(-1, 4))
-            kps.append(self.kps[i](f).permute(0, 2, 3, 1).reshape(-1, 10))
+            scores.append(self.cls[i](f).permute(*self.order).reshape(-1, 1).sigmoid())
+            boxes.append((self.reg[i](f) * self.scales[i]).permute(*self.order).reshape(-1, 4))
+            kps.append(self.kps[i](f).permute(*self.order).reshape(-1, 10))
         return (*scores, *boxes, *kps)
 
     def score_logits(self, x):
@@ -126,7 +129,7 @@ class TinySCRFD(nn.Module):
 
 
 @torch.no_grad()
-def scrfd(path, calibrate, empty, seed=0):
+def scrfd(path, calibrate, empty, seed=0, batch_minor=True):
     """TinySCRFD with random weights, exported with torch.onnx.export as scrfd2onnx.py does (opset 11, input
     "input.1" of dynamic batch and size; outputs score/bbox/kps_8/16/32). He-initialised convs (so textures
     move the scores), random batch-norm statistics, boxes about 4 strides wide and landmarks within a few
@@ -135,7 +138,7 @@ def scrfd(path, calibrate, empty, seed=0):
     lies near 0.5: the threshold sits in the widest gap between logits, below every calibration image's 4th
     best and above its 33rd and above all of `empty`'s."""
     gen = torch.Generator().manual_seed(seed)
-    net = TinySCRFD().eval()
+    net = TinySCRFD(batch_minor=batch_minor).eval()
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
             m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2 / m.weight[0].numel()) ** 0.5)
@@ -164,12 +167,19 @@ def scrfd(path, calibrate, empty, seed=0):
     return path
 
 
-def recognizer(path, seed=0, width=(8, 8, 16, 16, 16)):
+def recognizer(path, seed=0, width=(8, 8, 16, 16, 16), pixels=False):
     """ArcFace-shaped network, 112x112 -> 512, random weights: the layer types of a TorchScript
     IResNet export (Conv with folded BN, BatchNormalization before a conv, PRelu, residual Add,
-    Identity, Flatten, Gemm), small channels. Batch dimension dynamic."""
+    Identity, Flatten, Gemm), small channels. Batch dimension dynamic. pixels: the same network behind a
+    Sub 127.5 and a Mul 1/127.5, on 0..255 pixels, as ArcFace models converted from MXNet normalise their input."""
     rng = np.random.RandomState(seed)
     init, nodes = {}, []
+    image = "input.1"
+    if pixels:
+        init.update(mean=np.array(127.5, np.float32), scale=np.array(1 / 127.5, np.float32))
+        nodes += [helper.make_node("Sub", ["input.1", "mean"], ["centred"]),
+                  helper.make_node("Mul", ["centred", "scale"], ["normalised"])]
+        image = "normalised"
 
     def tensor(name, *shape, std=1.0, mean=0.0):
         init[name] = (mean + std * rng.randn(*shape)).astype(np.float32)
@@ -195,7 +205,7 @@ def recognizer(path, seed=0, width=(8, 8, 16, 16, 16)):
         return name
 
     # stem: conv 3x3 + (folded) BN + PReLU, then IResNet blocks: BN, conv, PReLU, conv (stride 2), + shortcut
-    x = prelu("stem.prelu", conv("stem.conv", "input.1", 3, width[0], 3, 1), width[0])
+    x = prelu("stem.prelu", conv("stem.conv", image, 3, width[0], 3, 1), width[0])
     for i, (cin, cout) in enumerate(zip(width[:-1], width[1:])):
         p = f"layer{i}"
         y = conv(p + ".conv2", prelu(p + ".prelu", conv(p + ".conv1", bn(p + ".bn1", x, cin), cin, cout, 3, 1), cout),

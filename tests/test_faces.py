@@ -120,18 +120,23 @@ def face_batch(h, w):
 DETECT_SIZES = [(640, 640), (512, 512), (480, 640)]
 
 
-@pytest.fixture(scope="module")
-def scrfd(tmp_path_factory):
-    """(path, detector_torch module) of the stand-in, its score threshold set on the several-faces and black images
-    at each size test_detect_torch_matches_detect uses."""
+def scrfd_standin(path, batch_minor=True):
+    """(path, detector_torch module) of a TinySCRFD export (standins.scrfd), its score threshold set on the
+    several-faces and black images at each size test_detect_torch_matches_detect uses."""
     def letterboxes(images):
         canvases = np.stack([faces.letterbox(image, faces.DET_SIZE)[0] for image in images])
         return torch.from_numpy((canvases.astype(np.float32) - 127.5) / 128).permute(0, 3, 1, 2)
 
     batches = [face_batch(h, w)[0] for h, w in DETECT_SIZES]
-    path = standins.scrfd(str(tmp_path_factory.mktemp("scrfd") / "scrfd.onnx"), letterboxes([b[0] for b in batches]),
-                          letterboxes([b[1] for b in batches]))
+    path = standins.scrfd(path, letterboxes([b[0] for b in batches]), letterboxes([b[1] for b in batches]),
+                          batch_minor=batch_minor)
     return path, faces.detector_torch(path)
+
+
+@pytest.fixture(scope="module")
+def scrfd(tmp_path_factory):
+    """The stand-in in the real retinaface_10g's layout: a batch's rows location by location, the images inside."""
+    return scrfd_standin(str(tmp_path_factory.mktemp("scrfd") / "scrfd.onnx"))
 
 
 @pytest.mark.parametrize("size", [(512, 512), (1024, 1024), (600, 800), (200, 300)],
@@ -171,6 +176,21 @@ def test_detect_torch_matches_detect(scrfd, size):
             err = np.abs(landmarks[i].numpy() - faces.largest(w).landmarks).max()
             assert err < 1e-3, f"image {i}: landmarks {err:.2e} px from largest(detect())"
     assert (landmarks[1] == 0).all(), "an image without a face gets zeros"
+
+
+def test_detect_torch_reads_either_batch_layout(scrfd, tmp_path):
+    """retinaface_10g's export lists a batch's rows location by location with the images inside, later exports
+    image after image: detector_torch tells which from the model itself, and detect_torch matches detect() on a
+    batch of three either way (read the wrong way, the batch's images swap anchors)."""
+    for batch_minor in (True, False):
+        path, net = scrfd if batch_minor else scrfd_standin(str(tmp_path / "later.onnx"), batch_minor=False)
+        assert net.batch_minor == batch_minor
+        images, tensor = face_batch(640, 640)
+        found, landmarks = faces.detect_torch(net, tensor)
+        want = [faces.detect(image, path) for image in images]
+        assert found.tolist() == [bool(w) for w in want] == [True, False, True]
+        for i in (0, 2):
+            assert np.abs(landmarks[i].numpy() - faces.largest(want[i]).landmarks).max() < 1e-3
 
 
 def test_detect_torch_keeps_the_top_k(scrfd):
@@ -467,6 +487,22 @@ def test_arcface_torch_matches_onnxruntime(models):
     assert x.grad is not None and x.grad.abs().max() > 0 and torch.isfinite(x.grad).all()
 
 
+def test_recognizer_that_normalises_its_own_input(models, tmp_path):
+    """A recognizer converted from MXNet (Sub 127.5, Mul 1/127.5 first, on 0..255 pixels) gets pixels, in
+    embed() and in arcface_torch: the same embeddings as the same network fed [-1, 1] (fed [-1, 1] itself, it
+    would see an almost constant image and give one embedding for every face)."""
+    own = standins.recognizer(str(tmp_path / "mx.onnx"), pixels=True)
+    assert faces.takes_pixels(own) and not faces.takes_pixels(models["recognizer"])
+    image = smooth_image(120, 100)
+    face = faces.Face(np.array([20, 20, 80, 100], np.float32), 0.9, faces.ARCFACE_TEMPLATE * 0.6 + 15)
+    e, want = faces.embed(image, face, own), faces.embed(image, face, models["recognizer"])
+    assert np.abs(e - want).max() < 1e-5
+    x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        d = (faces.arcface_torch(own)(x) - faces.arcface_torch(models["recognizer"])(x)).abs().max()
+    assert d < 1e-4, d
+
+
 def test_arcface_torch_self_check_fails_loudly(models, monkeypatch):
     """If the torch graph does not reproduce onnxruntime (here: other weights), loading raises with the difference."""
     onnx_torch = pytest.importorskip("onnx_torch")
@@ -540,7 +576,8 @@ def test_model_path_local_cache_and_hash(models, tmp_path, monkeypatch):
         snapshot = hub_cache(tmp_path / case, faces.HUB_REPO, files)
         monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / case))
         if case == "mismatch":
-            with pytest.raises(RuntimeError, match="(?s)retinaface_10g.onnx: CRC32.*Delete it"):
+            with pytest.raises(RuntimeError, match="(?s)retinaface_10g.onnx: CRC32.*Delete") as e:
                 faces.model_path("detector")
+            assert os.path.realpath(snapshot / "retinaface_10g.onnx") in str(e.value)  # the blob the link names
         else:
             assert faces.model_path("detector") == str(snapshot / "retinaface_10g.onnx"), case
