@@ -1028,6 +1028,7 @@ def request_stop(signum, frame):
 # -----------------------------------------------------------------------------
 # the loop
 start = 0
+ran_before = 0.0  # a resumed run's seconds before its checkpoint: the log's `seconds` go on from there
 if ckpt is not None:
     start = ckpt["step"]
     with torch.no_grad():
@@ -1043,6 +1044,7 @@ if ckpt is not None:
             kept = [l for l in f if before_checkpoint(l)]
         with open(log_path, "w") as f:
             f.writelines(kept)
+        ran_before = json.loads(kept[-1]).get("seconds", 0.0) if kept else 0.0
 if master:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config, run_id=run_id), f, indent=2)
@@ -1131,7 +1133,7 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                        **{f"lr_{name}": v for name, v in lrs.items()})
             if missed is not None:
                 row["id_skipped"] = int(missed)  # samples of this step where the detector found no face (eq. 7 skipped)
-            row["seconds"] = round(time.time() - t0, 2)
+            row["seconds"] = round(time.time() - t0 + ran_before, 2)
             # the steps since the last row, evaluation and checkpoints left out (the loss values read above
             # waited for the device, so these steps are done)
             step_seconds = (time.time() - t_row - paused) / (done - step_row)

@@ -148,6 +148,8 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
     assert ("cannot read" in r.stdout) == (resume_at == 3), r.stdout[-2000:]
     assert_same_result(full, part)
     assert [r["step"] for r in log(part)] == [1, 2, 3, 4, 5, 6]
+    seconds = [r["seconds"] for r in log(part)]
+    assert seconds == sorted(seconds), seconds  # the resumed run's go on from the checkpoint's
     assert len(os.listdir(part / "checkpoints")) == len(os.listdir(full / "checkpoints"))
 
 def fail_on_call(n):
