@@ -89,6 +89,8 @@ attn_resolutions = (16,)         # feature-map sides recorded for eq. 8 (officia
 style_boost = 1.0                # official code: 2.0 on the style and composed losses in each phase's first half
 id_target = "mean"               # eq. 7's R(B(I_s)): "mean" of all source photos' embeddings, or "own" (official):
                                  # a source sample's own photo, a composed sample its paired source photo
+id_on_source = False             # eq. 7 on source samples too (official); the paper applies it to the composed
+                                 # sample only: x0_hat from the reference latent under the composed prompt
 id_batch_size = 1                # eq. 7's images decoded with gradient at once (None: all of a micro-step's), each
                                  # batch backpropagated before the next: the decode, most of phase 2's memory at
                                  # 512 px, is held for this many images only; the gradient is the same
@@ -190,6 +192,9 @@ if not (1 < t_id_max <= 1000 and 0 < phase2_t_max <= 1000):
     raise SystemExit(f"t_id_max must be in 2..1000 and phase2_t_max in 1..1000, got {t_id_max} and {phase2_t_max}")
 if id_batch_size is not None and not (isinstance(id_batch_size, int) and id_batch_size >= 1):
     raise SystemExit(f"id_batch_size must be None (all at once) or >= 1, got {id_batch_size!r}")
+if lambda_id > 0 and phase2_steps and not (composed or id_on_source):
+    raise SystemExit("lambda_id > 0 has no sample to act on: eq. 7 is part of composed prompt learning (composed=True),"
+                     " or runs on source samples with id_on_source=True (official); else set lambda_id=0")
 if save_pipeline and (lora_targets or lora_text_encoder):  # its folder would hold base weights beside the LoRA
     raise SystemExit("save_pipeline writes the model trained in full (full_targets, DreamBooth), and a LoRA run's "
                      "result is its LoRA file: set lora_targets=() and lora_text_encoder=False, or save_pipeline=False")
@@ -610,7 +615,7 @@ class Task:
     loss_mask: torch.Tensor  # (1, h, w): where the noise prediction is compared
     attn_masks: tuple     # the region <v1> and <v2> may attend to (eq. 8); None for a token not in the prompt
     weight: float         # style_boost on r and c in the first half of a phase (official code)
-    source: int | None    # the source photo whose identity eq. 7 asks for (s and c); None: no identity term
+    source: int | None    # the source photo whose identity eq. 7 asks for (c; s too with id_on_source); None: none
     reference: int | None  # the reference photo (r and c): eq. 11's texture target for objects
 
 augment = hflip or color_jitter > 0
@@ -637,8 +642,8 @@ def draw_tasks(phase, boost):
     zs, (face_s,) = view(sources, s, src_mean, src_std, [src_face])
     zr, (face_r, rest_r) = view(references, r, ref_mean, ref_std, [ref_face, ref_rest])
     whole = torch.ones_like(face_s)
-    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), face_s if masked else whole, (face_s, None), 1.0, s,
-                  None),
+    tasks = [Task("s", zs, prompt(source_templates, tokens[0]), face_s if masked else whole, (face_s, None), 1.0,
+                  s if id_on_source else None, None),
              Task("r", zr, prompt(reference_templates, tokens[1]), rest_r if masked else whole, (None, rest_r), boost,
                   None, r)]
     if phase == 2 and composed and subject == "face":  # the reference photo is the pseudo-label for all but the
@@ -648,7 +653,9 @@ def draw_tasks(phase, boost):
     if phase == 2 and prior_prompt:  # prior preservation: a class image under the class prompt, whole
         k = pick(len(prior_mean))
         zp = (prior_mean[k] + prior_std[k] * rand(*prior_mean[k].shape)) * scale_factor
-        tasks.append(Task("p", zp, prior_prompt, whole, (None, None), lambda_prior, None, None))
+        # DreamBooth's loss is the instance images' mean + lambda_prior x the class images' mean, as many of each:
+        # one class image among the draw's n instance samples, all averaged, takes n x lambda_prior for that ratio
+        tasks.append(Task("p", zp, prior_prompt, whole, (None, None), lambda_prior * len(tasks), None, None))
     return tasks
 
 def draw_micro_batch(phase, boost):

@@ -19,6 +19,7 @@ lora_text_encoder = True
 style_boost = 2.0       # style and composed losses x2 in the first half of each phase
 phase2_t_max = 800      # t_mutliplier 0.8 in phase 2, for the reconstruction and the identity pass
 lambda_id = 0.25
+id_on_source = True     # the identity loss on source samples too (every sample but the style ones)
 id_target = "own"       # a source sample's own photo; a composed sample's paired source photo
 id_decode_fp32 = True   # x0_hat decoded by the fp32 VAE, clamped to [0, 1]
 latent_mask = "nearest" # masks to 64x64 by nearest, then (m + 0.01) / max

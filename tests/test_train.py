@@ -481,10 +481,15 @@ def test_missing_face_model_offline_is_clear(cache, tmp_path):
 
 def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypatch):
     """Eq. 7 on the tiny model with stand-in face models: it reaches the LoRA weights through the decoder and
-    the differentiable crop; when the detector finds nothing it is skipped and counted, without error."""
+    the differentiable crop; when the detector finds nothing it is skipped and counted, without error. On the
+    composed sample only by default (the paper's), on source samples too with id_on_source (official; here)."""
     out = tmp_path / "id"
     g = run_in_process(cache, monkeypatch, out, "--phase1_steps=1", "--phase2_steps=2", "--lambda_id=1.0",
-                       "--source_face_crop=True", "--face_margin=0.2", *face_args(face_models))
+                       "--source_face_crop=True", "--face_margin=0.2", "--id_on_source=True", *face_args(face_models))
+    assert [t.name for t in g["draw_tasks"](2, 1.0) if t.source is not None] == ["s", "c"]
+    g["id_on_source"] = False
+    assert [t.name for t in g["draw_tasks"](2, 1.0) if t.source is not None] == ["c"]
+    g["id_on_source"] = True
     rows = log(out)
     assert "loss_id" in rows[-1] and rows[-1]["id_skipped"] == 0, rows[-1]
     params = lora.lora_parameters(g["sd"].unet)
