@@ -39,7 +39,7 @@ from configurator import check_choice, check_device, configure
 # -----------------------------------------------------------------------------
 # command-line settings (read only when run as a script)
 runs = "out/magicapture"  # training runs (train.py's out_dir), comma-separated: --runs=out/a,out/b
-init_from = ""            # "": each run's own model (its pipeline/ if it wrote one, else its base); or a repo/folder for all
+init_from = ""            # "": each run's own base model; or a repo/folder for all (a run with pipeline/ keeps its own)
 num_images = 32           # per run
 seed = 0                  # image i uses seed + i
 descriptions = ("wearing sunglasses", "smiling", "with a beard")  # appended to the first composed prompt
@@ -248,6 +248,12 @@ def read_run(run):
     missing = [k for k in needed if k not in cfg]
     if missing:
         raise SystemExit(f"{path} lacks {', '.join(missing)}: not a config.json written by train.py")
+    if cfg.get("subject", "face") != "face":
+        raise SystemExit(f"{run} learned an object (subject={cfg['subject']!r}): CSIM, Style and Aesthetic score "
+                         "portraits; leave it out of --runs")
+    if cfg.get("save_pipeline") and not os.path.isdir(os.path.join(run, "pipeline")):
+        raise SystemExit(f"{run} fine-tuned the whole model (save_pipeline), but {os.path.join(run, 'pipeline')} "
+                         "is missing: the run did not finish writing it; finish it with train.py's --resume")
     for k in ("source_dir", "reference_dir"):
         if not os.path.isdir(cfg[k]):
             raise SystemExit(f"{path}: {k}={cfg[k]} is not a folder here. CSIM and Style compare with the run's "
@@ -257,9 +263,10 @@ def read_run(run):
 
 
 def eval_prompts(cfg, descriptions):
-    """The run's composed prompts, then its first one with each description appended."""
-    composed = [t.format(*cfg["tokens"]) for t in cfg["composed_templates"]]
-    return composed + [f"{composed[0]}, {d}" for d in descriptions]
+    """The run's first composed prompt (the one its validation draws), alone and with each description appended:
+    the same protocol, and as many prompts, for every run, whatever its number of templates."""
+    composed = cfg["composed_templates"][0].format(*cfg["tokens"])
+    return [composed] + [f"{composed}, {d}" for d in descriptions]
 
 
 def as_json(value):
@@ -269,10 +276,11 @@ def as_json(value):
 
 def read_draw_file(folder):
     path = os.path.join(folder, DRAW_FILE)
-    if not os.path.isfile(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or one a kill cut short: nothing counts as drawn
         return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def cached(folder, key, settings, files):
@@ -285,8 +293,10 @@ def remember(folder, key, settings):
     """Record in DRAW_FILE that the files of `key` were made with `settings`; None forgets them."""
     record = read_draw_file(folder)
     record[key] = as_json(settings)
-    with open(os.path.join(folder, DRAW_FILE), "w") as f:
+    path = os.path.join(folder, DRAW_FILE)
+    with open(path + ".tmp", "w") as f:  # whole, then renamed
         json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def summary(records):
@@ -322,12 +332,12 @@ def read_images(folder, files):
 
 
 def base_model(run, cfg):
-    """The model a run's images are drawn from: the init_from setting if given, else the run's own fine-tuned
-    pipeline if it wrote one (DreamBooth: <run>/pipeline), else the base model it trained on."""
-    if init_from:
-        return init_from
-    pipeline = os.path.join(run, "pipeline")
-    return pipeline if os.path.isdir(pipeline) else cfg["init_from"]
+    """The model a run's images are drawn from: its own fine-tuned pipeline if it wrote one (DreamBooth:
+    <run>/pipeline; read_run checks it is there), else the init_from setting if given, else the model it
+    trained on."""
+    if cfg.get("save_pipeline"):
+        return os.path.join(run, "pipeline")
+    return init_from or cfg["init_from"]
 
 
 def draw_images(cfg, run, prompts, prompt_index, seeds):
@@ -350,7 +360,7 @@ def draw_images(cfg, run, prompts, prompt_index, seeds):
         latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, R // 8, R // 8,
                                          generator=torch.Generator().manual_seed(seeds[i])) for i in chunk])
         out = sd.sample([prompts[prompt_index[i]] for i in chunk], steps=steps, guidance=guidance,
-                        seed=seeds[chunk[0]], latents=latents, height=R, width=R, sampler=sampler)
+                        seed=[seeds[i] for i in chunk], latents=latents, height=R, width=R, sampler=sampler)
         images += [data.to_uint8(im) for im in out]
     return images
 
@@ -380,8 +390,9 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
         print(f"{run}: the images in {folder} were drawn with these settings; scoring them again")
         images = {"plain": read_images(folder, files["plain"])}
     else:
-        if os.path.exists(os.path.join(folder, "eval.json")):  # its scores are of the images about to go
-            os.remove(os.path.join(folder, "eval.json"))
+        for stale in ("eval.json", "sheet_enhanced.png"):  # of the images about to go
+            if os.path.exists(os.path.join(folder, stale)):
+                os.remove(os.path.join(folder, stale))
         for old in glob.glob(os.path.join(folder, "p*_seed*.png")):  # another setting's images: none may stay
             os.remove(old)
         remember(folder, "enhanced", None)

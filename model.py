@@ -1087,6 +1087,14 @@ class AutoencoderKL(nn.Module):
 # -----------------------------------------------------------------------------
 # noise schedule and DDIM
 
+def noise_like(x, generator=None):
+    """Standard normal noise of x's shape: from one generator for the whole batch, or from a list of them, one per
+    image (each image's noise then depends on its own seed only, whatever it is batched with)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randn((1, *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+                          for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
 class Schedule:
     """The training noise schedule (DDPM, 1000 steps) and the DDIM sampler's step."""
 
@@ -1142,7 +1150,7 @@ class Schedule:
         sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)) ** 0.5
         x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
         if sigma > 0:
-            x_prev = x_prev + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_prev = x_prev + sigma * noise_like(x, generator)
         return x_prev
 
     def euler_sigmas(self, steps):
@@ -1169,7 +1177,7 @@ class Schedule:
         down = (sigma_next ** 2 - up ** 2) ** 0.5
         x = x + eps * (down - sigma)
         if up > 0:
-            x = x + up * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + up * noise_like(x, generator)
         return x
 
 # -----------------------------------------------------------------------------
@@ -1638,16 +1646,20 @@ class StableDiffusion(nn.Module):
     def sample(self, prompts, negative_prompt="", steps=50, guidance=7.5, eta=0.0, seed=None, latents=None,
                height=512, width=512, progress=False, sampler="ddim"):
         """Classifier-free guided sampling -> images (B, 3, H, W) in [0, 1]. sampler: "ddim" (eta: its
-        noise) or "euler_a" (Euler ancestral, the official MagiCapture inference). SDXL is conditioned on
+        noise) or "euler_a" (Euler ancestral, the official MagiCapture inference). seed: one for the batch, or a
+        list of one per prompt (each image's noise then its own, the same in any batch). SDXL is conditioned on
         height x width as both its original and target size, without a crop."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         B = len(prompts)
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
-        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        if isinstance(seed, (list, tuple)):
+            generator = [torch.Generator(self.device).manual_seed(s) for s in seed]
+        else:
+            generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         if latents is None:
             shape = (B, self.vae.config.latent_channels, height // 8, width // 8)
-            latents = torch.randn(shape, generator=generator, device=self.device, dtype=torch.float32)
+            latents = noise_like(torch.empty(shape, device=self.device), generator)
         x = latents.to(self.device, self.dtype)
         negative = [negative_prompt] * B if isinstance(negative_prompt, str) else list(negative_prompt)
         # unconditional first: (2B, 77, D), and for SDXL its added_cond

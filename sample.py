@@ -173,7 +173,7 @@ for b in range(0, num_samples, batch_size):
         rec = AttentionRecorder(ids, [sd.tokenizer.tok.token_to_id(t) for t in tokens], attn_res)
     with sd.unet.record_attention(rec):
         out = sd.sample(prompts, negative_prompt=negatives, steps=steps, guidance=guidance, eta=eta,
-                        seed=chunk[0], latents=latents, height=H, width=W, progress=True, sampler=sampler).cpu()
+                        seed=chunk, latents=latents, height=H, width=W, progress=True, sampler=sampler).cpu()
     for s, im in zip(chunk, out):
         save_png(im, os.path.join(out_dir, f"seed{s}.png"))
         if postprocess:

@@ -266,3 +266,35 @@ def test_run_names_tell_runs_apart():
     <config>/<pair> runs)."""
     runs = ["out/study/portrait/drawn", "out/study/baseline_ti/drawn/", "out/a/x/me", "out/b/x/me", "out/solo"]
     assert ev.run_names(runs) == ["portrait/drawn", "baseline_ti/drawn", "a/x/me", "b/x/me", "solo"]
+
+
+def test_prompts_models_and_records_of_a_run(tmp_path):
+    """Every run gets one prompt protocol (its first composed prompt, alone and with each description), whatever
+    its number of templates; a run with pipeline/ is drawn from it even with init_from given, and one whose
+    pipeline/ is missing, or that learned an object, is refused; a draw record cut short counts as none."""
+    cfg = dict(tokens=["<v1>", "<v2>"], composed_templates=["a {} in {}", "b {} in {}", "c {} in {}"])
+    assert ev.eval_prompts(cfg, ("smiling",)) == ["a <v1> in <v2>", "a <v1> in <v2>, smiling"]
+    run = make_run_folder(tmp_path / "db", save_pipeline=True)
+    with pytest.raises(SystemExit, match="pipeline is missing"):
+        ev.read_run(str(run))
+    (run / "pipeline").mkdir()
+    cfg = ev.read_run(str(run))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ev, "init_from", "tiny")
+        assert ev.base_model(str(run), cfg) == str(run / "pipeline")
+    with pytest.raises(SystemExit, match="learned an object"):
+        ev.read_run(str(make_run_folder(tmp_path / "toy", subject="object")))
+    (tmp_path / ev.DRAW_FILE).write_text('{"plain": {"ste')
+    assert ev.read_draw_file(str(tmp_path)) == {}
+    ev.remember(str(tmp_path), "plain", dict(steps=2))
+    assert ev.read_draw_file(str(tmp_path)) == {"plain": {"steps": 2}}
+
+
+def make_run_folder(out, **settings):
+    """The files read_run checks, without weights worth drawing with."""
+    out.mkdir()
+    (out / lora.EMBEDS_FILE).write_bytes(b"")
+    (out / "config.json").write_text(json.dumps(dict(
+        init_from="tiny", tokens=["<v1>", "<v2>"], composed_templates=["a {} in {}"], source_dir=str(out),
+        reference_dir=str(out), resolution=64, **settings)))
+    return out
