@@ -7,8 +7,8 @@ time, peak memory, and the largest output difference (so a speed win cannot hide
 (3 per batch) in one UNet pass with the paper's LoRA (rank 4 on the cross-attention projections),
 the masked reconstruction loss (eq. 4-6), attention refocusing (eq. 8) on the recorded 16x16
 cross-attention maps (half the latent side below 256 px) of the two placeholder positions against
-fixed random masks, and the identity loss (eq. 7): a second UNet pass of the source and composed
-samples at a smaller t, Tweedie's x0, VAE decode with gradient, the aligned face crop at fixed
+fixed random masks, and the identity loss (eq. 7): a second UNet pass of the composed samples at a
+smaller t, Tweedie's x0, VAE decode with gradient, the aligned face crop at fixed
 landmarks and a small frozen random conv net in ArcFace's place (shared by both sides); summed as
 eq. 10, then backward into the LoRA only. Ours: lora.inject + UNet.record_attention; diffusers:
 peft's LoRA (our A and B copied in) and an attention processor that keeps the probabilities. Its
@@ -164,7 +164,7 @@ def no_grad(fn):
 # -----------------------------------------------------------------------------
 # one MagiCapture phase-2 step, as train.py's micro_step runs it: `batch` draws of a source, a reference
 # and a composed sample in one UNet pass (eq. 4-6), eq. 8 on their recorded cross-attention, and eq. 7's second
-# pass of the source and composed samples, decoded with gradient, through an identity head; summed as eq. 10,
+# pass of the composed samples, decoded with gradient, through an identity head; summed as eq. 10,
 # whose two parts are backpropagated one after the other.
 # Both sides train the paper's LoRA (rank 4 on the cross-attention projections) on copies of their UNets.
 
@@ -173,7 +173,7 @@ ATTN_SIDE = min(16, h // 2)  # the official code records the 16x16 maps; at 64 p
 # prompt positions of <v1> and <v2>; the context is random, so the "token ids" below are just the positions
 PLACEHOLDERS = [5, 6]
 n = 3 * batch  # source, reference, composed per draw
-ident_rows = [i for i in range(n) if i % 3 != 1]  # eq. 7 on the source and composed samples, as train.py
+ident_rows = [i for i in range(n) if i % 3 == 2]  # eq. 7 on the composed samples, as train.py (the paper's)
 z0 = torch.randn(n, 4, h, h, generator=g).to(device, tdtype)
 noise = torch.randn(n, 4, h, h, generator=g).to(device, tdtype)
 t_step = torch.randint(1000, (n,), generator=g).to(device)  # paper: uniform over all T = 1000
