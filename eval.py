@@ -332,20 +332,19 @@ def read_images(folder, files):
 
 
 def base_model(run, cfg):
-    """The model a run's images are drawn from: its own fine-tuned pipeline if it wrote one (DreamBooth:
+    """(model, variant) a run's images are drawn from: its own fine-tuned pipeline if it wrote one (DreamBooth:
     <run>/pipeline; read_run checks it is there), else the init_from setting if given, else the model it
     trained on."""
     if cfg.get("save_pipeline"):
-        return os.path.join(run, "pipeline")
-    return init_from or cfg["init_from"]
+        return os.path.join(run, "pipeline"), None
+    return init_from or cfg["init_from"], cfg.get("variant")
 
 
 def draw_images(cfg, run, prompts, prompt_index, seeds):
     """The run's images, (H, W, 3) uint8 each: its base model with its tokens and LoRA (merged), one
     generator per image so that image i is the same whatever the batch size."""
-    base = base_model(run, cfg)
-    sd = model.StableDiffusion.from_pretrained(base, device=device, dtype=model.DTYPES[dtype],
-                                               variant=None if base == os.path.join(run, "pipeline") else cfg.get("variant"))
+    base, variant = base_model(run, cfg)
+    sd = model.StableDiffusion.from_pretrained(base, device=device, dtype=model.DTYPES[dtype], variant=variant)
     lora.load_result(sd, run, scale=lora_scale)
     lora.merge(sd.unet, sd.text_encoder, sd.text_encoder_2)
     try:  # CLIP reads 77 tokens: a placeholder past them would silently drop out of the prompt
@@ -382,7 +381,7 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
     files = {"plain": [f"p{p}_seed{s}.png" for p, s in zip(prompt_index, seeds)]}
     weights = [os.path.join(run, f) for f in (lora.EMBEDS_FILE, lora.LORA_FILE, lora.WEIGHTS_FILE)
                if os.path.isfile(os.path.join(run, f))]
-    draw = dict(init_from=base_model(run, cfg), variant=cfg.get("variant"),
+    draw = dict(init_from=base_model(run, cfg)[0], variant=cfg.get("variant"),
                 weights_sha256=tensors_digest(weights), prompts=prompts, seeds=seeds, sampler=sampler,
                 steps=steps, guidance=guidance, lora_scale=lora_scale, resolution=cfg["resolution"], device=device,
                 dtype=dtype)
@@ -491,6 +490,11 @@ if __name__ == "__main__":
     if not run_dirs:
         raise SystemExit("no run given: --runs=out/a (or --runs=out/a,out/b for a table of several)")
     run_configs = {run: read_run(run) for run in run_dirs}  # every run checked before any model loads
+    for run, cfg in run_configs.items():  # and its diffusion model found (or fetched) before any is drawn
+        try:
+            model.StableDiffusion.locate(*base_model(run, cfg))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SystemExit(f"{run}: {e}")
     chosen = dict(detector=detector_model, recognizer=recognizer_model, parser=parser_model)
     if postprocess:
         chosen.update(upscaler=upscaler_model, restorer=restorer_model)

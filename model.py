@@ -1467,12 +1467,9 @@ class StableDiffusion(nn.Module):
         return self.text_encoder_2 is not None
 
     @classmethod
-    def from_pretrained(cls, name_or_dir=DEFAULT_REPO, device="cpu", dtype=torch.float32, variant=None):
-        """
-        Load a diffusers-layout pipeline (SD1.5, or SDXL where model_index.json lists text_encoder_2) from a local
-        folder, a Hub repo id, or "tiny" / "tiny-xl" (a small random SD1.5 / SDXL pipeline built and saved on
-        first use; runs anywhere). variant="fp16" picks the *.fp16.safetensors files (half the download).
-        """
+    def locate(cls, name_or_dir=DEFAULT_REPO, variant=None):
+        """The local folder of a pipeline, as from_pretrained takes it: the folder itself, the tiny pipeline (built
+        on first use), or the Hub repo's files (downloaded, or found in the cache); the errors say what to do."""
         tiny = {"tiny": ("tiny-sd", cls.tiny), "tiny-xl": ("tiny-sdxl", cls.tiny_xl)}
         if os.path.isdir(name_or_dir) and name_or_dir not in tiny:  # (a folder called tiny: pass it as ./tiny)
             path = name_or_dir
@@ -1491,6 +1488,16 @@ class StableDiffusion(nn.Module):
         else:
             raise FileNotFoundError(f"init_from={name_or_dir!r} is neither a folder nor a Hub repo id (owner/name, "
                                     f"e.g. {DEFAULT_REPO} or {SDXL_REPO}) nor 'tiny' or 'tiny-xl'")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir=DEFAULT_REPO, device="cpu", dtype=torch.float32, variant=None):
+        """
+        Load a diffusers-layout pipeline (SD1.5, or SDXL where model_index.json lists text_encoder_2) from a local
+        folder, a Hub repo id, or "tiny" / "tiny-xl" (a small random SD1.5 / SDXL pipeline built and saved on
+        first use; runs anywhere). variant="fp16" picks the *.fp16.safetensors files (half the download).
+        """
+        path = cls.locate(name_or_dir, variant)
         index = read_json(os.path.join(path, "model_index.json"))
         names = pipeline_parts(index)
         configs = {p: read_json(os.path.join(path, p, PARTS[p][0])) for p in names}

@@ -239,6 +239,16 @@ def test_bad_runs_are_named(env, tmp_path):
     r = run_eval(env, f"--runs={tmp_path / 'unfinished'}")
     assert r.returncode != 0 and f"has no {lora.EMBEDS_FILE}" in r.stderr and "Traceback" not in r.stderr, \
         r.stderr[-2000:]
+    # a run whose base model is neither cached nor reachable, listed after a good one: stopped before any drawing
+    good, hub = make_run(env, "run_good_hub", 0), make_run(env, "run_hub", 1)
+    cfg = json.load(open(hub / "config.json"))
+    json.dump(dict(cfg, init_from="someone/uncached-model"), open(hub / "config.json", "w"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+        r = run_eval(env, f"--runs={good},{hub}", f"--table_file={tmp_path / 'eval.md'}")
+    assert r.returncode != 0 and "someone/uncached-model" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
+    assert not (good / "eval").exists()
 
 
 def test_faceless_sources_stop_before_drawing(env, tmp_path):
@@ -281,7 +291,7 @@ def test_prompts_models_and_records_of_a_run(tmp_path):
     cfg = ev.read_run(str(run))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ev, "init_from", "tiny")
-        assert ev.base_model(str(run), cfg) == str(run / "pipeline")
+        assert ev.base_model(str(run), cfg) == (str(run / "pipeline"), None)
     with pytest.raises(SystemExit, match="learned an object"):
         ev.read_run(str(make_run_folder(tmp_path / "toy", subject="object")))
     (tmp_path / ev.DRAW_FILE).write_text('{"plain": {"ste')
