@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 import data
 import eval as ev
@@ -308,3 +309,25 @@ def make_run_folder(out, **settings):
         init_from="tiny", tokens=["<v1>", "<v2>"], composed_templates=["a {} in {}"], source_dir=str(out),
         reference_dir=str(out), resolution=64, **settings)))
     return out
+
+
+def test_a_retrained_pipeline_is_drawn_anew(tmp_path, monkeypatch):
+    """The image cache knows a DreamBooth run's pipeline/ by its weight files: the same files reuse the images,
+    a pipeline trained again (other files) draws anew."""
+    run = make_run_folder(tmp_path / "db", save_pipeline=True)
+    (run / "pipeline" / "unet").mkdir(parents=True)
+    weights = run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({"w": torch.zeros(2)}, str(weights))
+    save_file({"<v1>": torch.zeros(4)}, str(run / lora.EMBEDS_FILE))
+    drawn = []
+    monkeypatch.setattr(ev, "draw_images", lambda cfg, run, prompts, index, seeds: drawn.append(1) or
+                        [np.zeros((8, 8, 3), np.uint8) for _ in seeds])
+    monkeypatch.setattr(ev, "postprocess", False)
+    (run / "eval").mkdir()
+    args = (str(run), ev.read_run(str(run)), str(run / "eval"), ["p"], [0, 0], [0, 1], {})
+    for _ in range(2):
+        ev.run_images(*args)
+    assert len(drawn) == 1
+    save_file({"w": torch.ones(3)}, str(weights))
+    ev.run_images(*args)
+    assert len(drawn) == 2
