@@ -189,12 +189,22 @@ def crop(photo, square, resolution):
     photo.mask = None if m is None else to_tensor(m.crop(box).resize((resolution, resolution), Image.BILINEAR))
     photo.square = square
 
-def check_masks(photos, min_fraction):
+def check_masks(photos, min_fraction, objects=False):
     """Stop if a mask (photo.mask, at training resolution, after the crop) marks as face under min_fraction or
     over 1 - min_fraction of its photo, naming each. A source with an empty mask never learns the person (loss_s,
     eq. 4, is 0); a reference whose mask is all face has nothing left for the style (loss_r and loss_c, eq. 5-6,
     are 0). train.py's min_mask_fraction = 0.005 is about 20 latent pixels of a 64x64 latent (SD1.5 at 512 px):
-    fewer make the masked mean of eq. 4-6 an average over a handful of pixels. 0 turns the check off."""
+    fewer make the masked mean of eq. 4-6 an average over a handful of pixels. 0 turns the check off.
+    objects: the sources' object masks, of which only an empty one is wrong (all object is a photo without one)."""
+    if objects:
+        empty = [f"  {mask_path(p.path)}: {p.mask.mean().item():.1%} object" for p in photos
+                 if p.mask.mean().item() < min_fraction]
+        if empty:
+            raise SystemExit(f"these masks mark almost none of their photo as the object (under {min_fraction:.1%} "
+                             "of the crop):\n" + "\n".join(empty) + "\nPaint the object white and the rest black, "
+                             "or delete the mask: the whole photo then counts as the object. min_mask_fraction sets "
+                             "the limit.")
+        return
     bad = []
     for p in photos:
         face = p.mask.mean().item()

@@ -426,13 +426,13 @@ for kind, group in (("source", sources), ("reference", references)) if master el
         name = os.path.splitext(os.path.basename(p.path))[0]
         data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
 data.check_masks(photos if subject == "face" else [p for p in sources if p.mask_photo is not None],
-                 min_mask_fraction)
+                 min_mask_fraction, objects=subject == "object")
 print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
 
 # -----------------------------------------------------------------------------
 # model, and the placeholder tokens: new rows of the embedding table, trained as one small fp32 parameter
 sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
-if sd.is_xl and dtype == "fp16":
+if sd.is_xl and dtype == "fp16" and sd.vae.config.force_upcast:
     raise SystemExit("SDXL's VAE overflows in fp16 (its config says force_upcast): train with dtype=bf16 or fp32")
 if phase2_steps and lora_targets and not lora.targets(sd.unet, lora_targets):  # checked now, not after phase 1
     raise SystemExit(f"lora_targets={lora_targets} matches no nn.Linear of the UNet; the names look like "
@@ -882,27 +882,29 @@ def trained_tensors():
 
 def save_checkpoint(step, phase, gen_state=None):
     """Atomic: write to a temporary file, then rename; keep the last keep_checkpoints. gen_state: the generator's
-    state to resume from, if not its current one."""
+    state to resume from, if not its current one. The first process writes them, and under torchrun any process
+    whose step failed (each holds the whole state), into a temporary file of its own."""
     os.makedirs(ckpt_dir, exist_ok=True)
     state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), trained=trained_tensors(),
                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
                  gen=gen.get_state() if gen_state is None else gen_state, config=config)
     path = checkpoint_path(step)
+    tmp = f"{path}.tmp{rank}"
     try:
-        with open(path + ".tmp", "wb") as f:
+        with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())  # on the disk before the rename: a power cut leaves the old checkpoint or the new
     except (OSError, RuntimeError) as e:  # a full disk shows as RuntimeError "... file write failed"
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
+        if os.path.exists(tmp):
+            os.remove(tmp)
         kept = checkpoints()
         raise SystemExit(f"could not write the checkpoint {path} (disk full?): {e}\n"
                          + (f"The previous checkpoint {kept[-1]} is kept; free some space and run again with "
                             "--resume." if kept else "No checkpoint was written."))
-    os.replace(path + ".tmp", path)
-    for old in checkpoints()[:-keep_checkpoints] + glob.glob(os.path.join(ckpt_dir, "step*.pt.tmp")):
-        os.remove(old)  # (a .tmp left: a write that a kill cut short)
+    os.replace(tmp, path)
+    for old in checkpoints()[:-keep_checkpoints] + glob.glob(os.path.join(ckpt_dir, "step*.pt.tmp0")) if master else ():
+        os.remove(old)  # (a .tmp0 left: a write that a kill cut short)
 
 def keep_done(step, phase, what, gen_state=None):
     """After `what` failed: checkpoint the `step` steps done (unless that checkpoint is there) and say so."""
@@ -1086,21 +1088,22 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         while True:
             try:
                 logged, missed = accumulate(phase, boost, trainable)
+                if world > 1:  # each process holds its share of the sum over micro-steps: add them up (a process
+                    for p in trainable:  # whose step failed shows here as an error in the others)
+                        dist.all_reduce(p.grad)
                 break
             except Exception as e:
                 # out of GPU memory in passes of several draws (one process): the step is redone in smaller passes;
-                # any other failure: the steps done so far are kept, then the error is shown
+                # any other failure: the steps done so far are kept (by any process: each holds the whole state),
+                # then the error is shown
                 if not (isinstance(e, torch.OutOfMemoryError) and world == 1 and micro_batch[phase] > 1):
-                    if master and step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
+                    if step > 0:  # (a phase's first step: the checkpoint of the phase before is there)
                         keep_done(step, phase, f"step {step + 1}", gen_before)
                     say_memory_hint(e, phase)
                     raise
             # (out of the except block: the error no longer holds the failed passes' tensors, which can be freed)
             fewer_draws_per_pass(phase, step)
             gen.set_state(gen_before)
-        if world > 1:  # each process holds its share of the sum over micro-steps: add them up
-            for p in trainable:
-                dist.all_reduce(p.grad)
         scaler.unscale_(opt)
         if phase == 2 or grad_clip_phase1:
             torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
@@ -1119,10 +1122,14 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
             dist.all_reduce(flag, group=host_group)
             stop = flag.item() > 0
         last = done == first + steps
-        evaluate_now = done % eval_interval == 0 or last
+        # under torchrun a stop leaves validation out: torchrun kills the processes 30 s after Ctrl-C (its
+        # --shutdown_timeout), and the checkpoint must be written by then
+        evaluate_now = (done % eval_interval == 0 or last) and not (stop and world > 1)
         log_now = done % log_interval == 0 or evaluate_now
         checkpoint_now = done % ckpt_interval == 0 or last or stop
         if log_now or checkpoint_now:
+            if missed is not None:  # samples of this step where the detector found no face: summed with the terms
+                logged["id_skipped"] = missed.float()
             if world > 1:  # every process logs the same terms (the whole batch's), so all stop together on a NaN
                 keys = sorted(logged)
                 summed = torch.stack([torch.as_tensor(logged[k], device=device) for k in keys])
@@ -1136,10 +1143,11 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                                  "instead of fp16, or check the photos and masks.")
         if log_now and master:
             lrs = {g["name"]: g["lr"] for g in opt.param_groups}  # lr: the embeddings'; lr_lora, lr_full: the others'
+            skipped = values.pop("id_skipped", None)  # eq. 7's samples of this step where no face was found
             row = dict(step=done, phase=phase, loss=values.pop("loss"), **values, lr=lrs.pop("embeds"),
                        **{f"lr_{name}": v for name, v in lrs.items()})
-            if missed is not None:
-                row["id_skipped"] = int(missed)  # samples of this step where the detector found no face (eq. 7 skipped)
+            if skipped is not None:
+                row["id_skipped"] = int(skipped)
             row["seconds"] = round(time.time() - t0 + ran_before, 2)
             # the steps since the last row, evaluation and checkpoints left out (the loss values read above
             # waited for the device, so these steps are done)
@@ -1182,8 +1190,9 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 dist.destroy_process_group()
             if master:
                 again = [a for a in sys.argv if not a.startswith(("--resume", "--overwrite"))] + ["--resume"]
+                launch = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
                 print(f"stopped at step {done} of {total_steps}; checkpoint {checkpoints()[-1]}.\n"
-                      f"Continue with: {shlex.join(['python', *again])}", file=sys.stderr)
+                      f"Continue with: {shlex.join(launch + again)}", file=sys.stderr)
             sys.exit(130)  # the shell's code for a run ended by Ctrl-C
 bar.close()
 signal.signal(signal.SIGINT, signal.default_int_handler)

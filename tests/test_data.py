@@ -248,6 +248,10 @@ def test_check_masks_names_empty_and_full_masks(tmp_path):
     with pytest.raises(SystemExit, match="thin_mask.png: 0.4% face"):
         data.check_masks([p], 0.005)
     data.check_masks([p], 0)  # 0 turns the check off
+    # object masks: all object is a photo without a mask, and fine; an empty one is named as an object's
+    data.check_masks([masked(tmp_path, "whole", 1, True)], 0.005, objects=True)
+    with pytest.raises(SystemExit, match=r"(?s)empty_mask.png: 0.0% object.*Paint the object white"):
+        data.check_masks([masked(tmp_path, "empty", 0, True)], 0.005, objects=True)
 
 def test_synthetic_data_never_draws_over_photos(tmp_path):
     """make_synthetic refuses a folder holding other files (naming it, leaving it untouched, drawing nothing),

@@ -141,7 +141,7 @@ def test_resume_gives_the_same_weights(cache, run, tmp_path, resume_at):
     if resume_at == 3:
         (part / "checkpoints" / "step000004.pt").write_bytes(b"")  # the checkpoint a power cut left empty
     if resume_at < 6:
-        (part / "checkpoints" / "step000005.pt.tmp").write_bytes(b"")  # a write a kill cut short: cleared
+        (part / "checkpoints" / "step000005.pt.tmp0").write_bytes(b"")  # a write a kill cut short: cleared
     r = train(cache, part, *SHARED, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {resume_at}" in r.stdout
@@ -953,3 +953,4 @@ def test_torchrun_two_processes_equal_one(cache, tmp_path, face_models):
         assert err < 1e-5, f"{name}: max difference {err:.2e}"
     assert [r["step"] for r in log(tmp_path / "two")] == [1, 2, 3, 4, 5]  # one log, written by rank 0
     assert [r["gflop"] for r in log(tmp_path / "two")] == [r["gflop"] for r in log(tmp_path / "one")]  # both ranks' FLOPs
+    assert [r.get("id_skipped") for r in log(tmp_path / "two")] == [r.get("id_skipped") for r in log(tmp_path / "one")]
