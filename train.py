@@ -160,6 +160,10 @@ check_choice("latent_mask", latent_mask, ("bilinear", "nearest"))
 check_choice("subject", subject, ("face", "object"))
 if subject == "object" and (lambda_id > 0 or source_face_crop):
     raise SystemExit("subject=object has no faces: set lambda_id=0 and source_face_crop=False (config/object.py does)")
+if subject == "object" and (hflip or color_jitter > 0):  # eq. 11's structure target is the photo as it is
+    raise SystemExit("subject=object compares each composed sample with its source photo's DINO keys, computed once "
+                     "from the photo as it is: a flipped or jittered sample would be pulled toward the unflipped "
+                     "photo. Set hflip=False and color_jitter=0")
 device = check_device(device)
 if len(tokens) != 2 or tokens[0] == tokens[1] or not (
         phase1_steps >= 0 and phase2_steps >= 0 and phase1_steps + phase2_steps > 0

@@ -627,9 +627,10 @@ def test_bad_settings(cache, tmp_path):
                       ("--resolution=0", "resolution must be a multiple of 64, got 0"),
                       ("--tokens=('<v1>', '<v1>')", "tokens must be two different strings"),
                       ("--save_pipeline=True", "save_pipeline writes the model trained in full"),
+                      (("--subject=object", "--hflip=True"), "Set hflip=False and color_jitter=0"),
                       ("--composed_templates=('a photo of {} person',)", "composed_templates must be one or more "
                                                                          "prompts with 2 {} each")):
-        r = stops(cache, tmp_path / "x", bad)
+        r = stops(cache, tmp_path / "x", *([bad] if isinstance(bad, str) else bad))
         assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr[-2000:])
     r = stops(cache, tmp_path / "x", "--dtype=fp8")
     assert r.returncode != 0 and "dtype must be one of" in r.stderr and "Traceback" not in r.stderr
