@@ -23,8 +23,9 @@ import shutil
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from model import read_safetensors
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 # SD1.x {token: vector}, diffusers' load_textual_inversion format; SDXL {"clip_l": (n_tokens, 768), "clip_g":
@@ -172,16 +173,6 @@ def save_lora_file(unet, text_encoder, path, metadata=None, text_encoder_2=None)
     save_file({k: v.cpu() for k, v in sd.items()}, path, metadata=metadata)
 
 
-def read(path):
-    """(tensors, header) of a .safetensors file; a file that cannot be read is named."""
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable .safetensors file ({e}): cut short, or a git-lfs pointer "
-                         "instead of the file?") from None
-
-
 def alpha_over_rank(config, prefix, name, rank):
     """The update's factor alpha / rank for one module of a file whose header records its peft LoraConfig per
     prefix (diffusers' lora_adapter_metadata: "unet.lora_alpha", "unet.alpha_pattern", ...). Files without it
@@ -200,7 +191,7 @@ def alpha_over_rank(config, prefix, name, rank):
 def load_lora_file(unet, text_encoder, path, scale=1.0, text_encoder_2=None):
     """Read a file written by save_lora_file (or by diffusers' save_lora_weights, whose header may record
     lora_alpha) into the models, injecting LoRA where it is missing."""
-    sd, header = read(path)
+    sd, header = read_safetensors(path)
     config = json.loads(header.get("lora_adapter_metadata", "{}"))
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     suffix_a, suffix_b = ".lora_A.weight", ".lora_B.weight"
@@ -418,7 +409,7 @@ def load_result(sd, path, scale=1.0, text_scale=None):
             "an unfinished run (train.py writes it at the end): finish it with train.py's --resume" if unfinished
             else "not a training run's folder (train.py writes it into out_dir at the end of a run)"))
     text_encoder_2 = getattr(sd, "text_encoder_2", None)
-    embeds, header = read(embeds_path)
+    embeds, header = read_safetensors(embeds_path)
     sdxl_run = set(embeds) == {"clip_l", "clip_g"}
     if sdxl_run != (text_encoder_2 is not None):
         kinds = ("an SDXL", "an SD1.x") if sdxl_run else ("an SD1.x", "an SDXL")
@@ -458,7 +449,7 @@ def load_result(sd, path, scale=1.0, text_scale=None):
     if os.path.isfile(weights_path):  # parameters the run trained in full replace the base model's
         models = {"unet": sd.unet, "text_encoder": sd.text_encoder, "text_encoder_2": text_encoder_2}
         with torch.no_grad():
-            for key, value in read(weights_path)[0].items():
+            for key, value in read_safetensors(weights_path)[0].items():
                 prefix, _, name = key.partition(".")
                 if models.get(prefix) is None:
                     raise ValueError(f"{weights_path}: {key} is for none of the model's unet and text encoders")

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import (flop_registry, register_flop_formula, sdpa_backward_flop_count,
                                       sdpa_flop_count)
@@ -1213,16 +1213,14 @@ def weight_files(folder, part, variant=None):
         "code): convert the folder with diffusers, from_pretrained(folder).save_pretrained(new_folder)"
         if pickled else ""))
 
-def read_safetensors(files):
-    """The tensors of one model's .safetensors files, as one dict; a file that cannot be read is named."""
-    tensors = {}
-    for f in files:
-        try:
-            tensors.update(load_file(f))
-        except SafetensorError as e:
-            raise ValueError(f"{f} is not a readable .safetensors file ({e}): cut short, or a git-lfs pointer "
-                             "instead of the file? Download or write it again") from None
-    return tensors
+def read_safetensors(path):
+    """(tensors, header metadata) of a .safetensors file; a file that cannot be read is named."""
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable .safetensors file ({e}): cut short, or a git-lfs pointer "
+                         "instead of the file? Download or write it again") from None
 
 def fix_legacy_keys(part, sd):
     """The one place where file keys differ from module paths; everything else loads as named."""
@@ -1379,7 +1377,7 @@ def load_tower(cls, config_cls, part, folder, weight_names, device, dtype):
                                 f"{' or '.join(weight_names)}")
     with on_meta():
         m = cls(config_from_dict(config_cls, read_json(config_file), part))
-    sd = read_safetensors(weights[:1]) if weights[0].endswith(".safetensors") else \
+    sd = read_safetensors(weights[0])[0] if weights[0].endswith(".safetensors") else \
         torch.load(weights[0], map_location="cpu", weights_only=True)
     load_strict(m, fix_legacy_keys(part, sd), weights[0])
     return m.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -1516,7 +1514,8 @@ class StableDiffusion(nn.Module):
                              "a CLIPTextModelWithProjection (its pooled output conditions the UNet)")
         for p, module in parts.items():
             files = weight_files(path, p, variant)
-            load_strict(module, fix_legacy_keys(p, read_safetensors(files)), files[0])
+            tensors = {k: v for f in files for k, v in read_safetensors(f)[0].items()}  # one file, or its shards
+            load_strict(module, fix_legacy_keys(p, tensors), files[0])
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
         tokenizer = CLIPTokenizer.from_dir(os.path.join(path, "tokenizer"))
         # SDXL's tokenizer_2: the same vocabulary and merges, padded with "!" (its special_tokens_map.json)
