@@ -257,10 +257,32 @@ def config_from_dict(cls, d, part):
 # -----------------------------------------------------------------------------
 # CLIP tokenizer (byte-level BPE, built with the `tokenizers` library)
 
+def read_added_tokens(path, n):
+    """The tokens a tokenizer folder added after its n-token vocabulary, in id order, as transformers writes them:
+    added_tokens.json ({content: id}, transformers 4), tokenizer_config.json's added_tokens_decoder ({id: fields})
+    or tokenizer.json's added_tokens ([fields with id])."""
+    found = {}
+    p = os.path.join(path, "added_tokens.json")
+    if os.path.exists(p):
+        found.update({int(i): dict(content=c) for c, i in read_json(p).items()})
+    p = os.path.join(path, "tokenizer_config.json")
+    if os.path.exists(p):
+        found.update({int(i): d for i, d in (read_json(p).get("added_tokens_decoder") or {}).items()})
+    p = os.path.join(path, "tokenizer.json")
+    if os.path.exists(p):
+        found.update({d["id"]: d for d in read_json(p).get("added_tokens") or ()})
+    ids = sorted(i for i in found if i >= n)  # those below n are the vocabulary's own (BOS, EOS)
+    if ids != list(range(n, n + len(ids))):
+        raise ValueError(f"{path}: the added tokens have ids {ids}, but tokens added to a {n}-token vocabulary "
+                         f"take {n}, {n + 1}, ... in turn; the folder's tokenizer files disagree with each other")
+    return [found[i] for i in ids]
+
 class CLIPTokenizer:
     """Prompts -> (B, 77) ids: lower case, NFC, whitespace collapsed, BOS ... EOS, padded and truncated to 77."""
 
-    def __init__(self, vocab, merges, pad_token="<|endoftext|>", max_length=77):
+    def __init__(self, vocab, merges, pad_token="<|endoftext|>", max_length=77, extra=()):
+        """extra: tokens the folder's tokenizer added after its vocabulary (ids len(vocab), len(vocab) + 1, ...),
+        each a dict of transformers' AddedToken fields (content, special, normalized)."""
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
         from tokenizers.models import BPE
         self.vocab, self.merges, self.pad_token, self.max_length = vocab, merges, pad_token, max_length
@@ -285,6 +307,13 @@ class CLIPTokenizer:
             single="<|startoftext|> $A <|endoftext|>",
             special_tokens=[("<|startoftext|>", self.bos_id), ("<|endoftext|>", self.eos_id)])
         self.tok = tok  # encodes whole prompts; __call__ truncates and pads, check_length reports what it drops
+        # a pipeline whose tokenizer had a token added (a textual inversion saved into it) has a row for it in its
+        # text encoder: the token is part of the base model, read as one id, and saved with it
+        self.extra = [dict(content=d["content"], special=d.get("special", False),
+                           normalized=d.get("normalized", not d.get("special", False))) for d in extra]
+        for i, d in enumerate(self.extra):
+            tok.add_tokens([AddedToken(d["content"], special=d["special"], normalized=d["normalized"])])
+            assert tok.token_to_id(d["content"]) == len(vocab) + i, d
         self.added = []  # placeholder tokens added after loading, e.g. ["<v1>", "<v2>"]
 
     @classmethod
@@ -309,7 +338,7 @@ class CLIPTokenizer:
                 with open(p, encoding="utf-8") as f:
                     v = json.load(f).get("pad_token", pad)
                 pad = v["content"] if isinstance(v, dict) else v
-        return cls(vocab, merges, pad_token=pad)
+        return cls(vocab, merges, pad_token=pad, extra=read_added_tokens(path, len(vocab)))
 
     def save(self, path):
         os.makedirs(path, exist_ok=True)
@@ -321,18 +350,25 @@ class CLIPTokenizer:
                        pad_token=self.pad_token)
         with open(os.path.join(path, "special_tokens_map.json"), "w") as f:
             json.dump(special, f, indent=2)
+        ids = {str(self.base_size - len(self.extra) + i): dict(d, lstrip=False, rstrip=False, single_word=False)
+               for i, d in enumerate(self.extra)}
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
             json.dump(dict(special, tokenizer_class="CLIPTokenizer", model_max_length=self.max_length,
-                           do_lower_case=True, errors="replace"), f, indent=2)
+                           do_lower_case=True, errors="replace", added_tokens_decoder=ids), f, indent=2)
+
+    @property
+    def base_size(self):
+        """The base model's vocabulary: the BPE vocabulary and the tokens its folder added (not the placeholders)."""
+        return len(self.vocab) + len(self.extra)
 
     def __len__(self):
-        return len(self.vocab) + len(self.added)
+        return self.base_size + len(self.added)
 
     def add_tokens(self, tokens):
         """Add placeholder tokens (e.g. "<v1>"); returns their ids, which follow the vocabulary (49408, ...)."""
         from tokenizers import AddedToken
         for t in tokens:
-            if t in self.vocab or t in self.added:
+            if t in self.vocab or t in self.added or t in [d["content"] for d in self.extra]:
                 raise ValueError(f"token {t!r} is already in the vocabulary; choose another placeholder")
         # normalized=True matches what transformers' add_tokens does for non-special tokens
         self.tok.add_tokens([AddedToken(t, normalized=True) for t in tokens])
@@ -1553,9 +1589,9 @@ class StableDiffusion(nn.Module):
                 # special ids from the tokenizer: the SD1.5 and SDXL files' 0/2/1 are wrong for CLIP
                 tok = towers[p]
                 cfg.update(model_type="clip_text_model", bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                           pad_token_id=tok.pad_id, vocab_size=len(tok.vocab))
+                           pad_token_id=tok.pad_id, vocab_size=tok.base_size)
                 key = "text_model.embeddings.token_embedding.weight"  # the base vocabulary's rows only (see above)
-                tensors[key] = tensors[key][:len(tok.vocab)].contiguous()
+                tensors[key] = tensors[key][:tok.base_size].contiguous()
             with open(os.path.join(path, p, PARTS[p][0]), "w") as f:
                 json.dump(cfg, f, indent=2)
             save_file(tensors, os.path.join(path, p, weights_name(p)))

@@ -139,7 +139,8 @@ if attention:
         raise SystemExit(f"--attention: at {W}x{H} no cross-attention map is {attn_res} on a side (the run's "
                          f"attn_resolutions), the maps are {sides}: draw at the run's resolution "
                          f"({run_config.get('resolution')})")
-unknown = sorted(set(re.findall(r"<[^<>\s]+>", prompt)) - set(tokens))
+known = set(tokens) | {d["content"] for d in sd.tokenizer.extra}  # the run's, and those the base model has
+unknown = sorted(set(re.findall(r"<[^<>\s]+>", prompt)) - known)
 if unknown:
     print(f"warning: {' '.join(unknown)} in the prompt: not a learned token ({' '.join(tokens) or 'no --lora given'});"
           " CLIP reads it as plain text")

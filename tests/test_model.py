@@ -235,6 +235,54 @@ def test_check_length_rejects_dropped_placeholder():
         tok.check_length(["a photo", long])
     assert repr(long) in str(e.value)
 
+def test_tokenizer_reads_added_tokens(tiny_dir, tmp_path):
+    """A tokenizer folder with a token added after the vocabulary (a textual inversion saved into a pipeline) is read
+    as transformers reads it, in its three file layouts: the token is one id, placeholders come after it, and
+    our save keeps it for transformers."""
+    import transformers
+    ref = transformers.CLIPTokenizer.from_pretrained(os.path.join(tiny_dir, "tokenizer"))
+    n = len(ref)
+    ref.add_tokens(["<cat-toy>"])
+    ref.save_pretrained(tmp_path / "t5")  # transformers 5: tokenizer.json's added_tokens
+    v4 = tmp_path / "t4"  # transformers 4's slow save: vocab files, added_tokens.json, added_tokens_decoder
+    shutil.copytree(os.path.join(tiny_dir, "tokenizer"), v4)
+    (v4 / "added_tokens.json").write_text(json.dumps({"<cat-toy>": n}))
+    prompts = ["a <cat-toy> photo", "<cat-toy>,<cat-toy> on a table", "a cat toy"]
+    want = ref(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert (want == n).sum() == 3  # the reference reads the token as one id
+    for folder in (tmp_path / "t5", v4):
+        ours = model.CLIPTokenizer.from_dir(str(folder))
+        assert torch.equal(ours(prompts), want), folder
+        assert ours.base_size == n + 1 and ours.add_tokens(["<v1>"]) == [n + 1]
+        with pytest.raises(ValueError, match="already in the vocabulary"):
+            ours.add_tokens(["<cat-toy>"])
+    ours.save(str(tmp_path / "saved"))
+    back = transformers.CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    assert torch.equal(back(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids, want)
+    assert torch.equal(model.CLIPTokenizer.from_dir(str(tmp_path / "saved"))(prompts), want)
+    (v4 / "added_tokens.json").write_text(json.dumps({"<cat-toy>": n + 1}))  # a gap after the vocabulary
+    with pytest.raises(ValueError, match="added tokens have ids"):
+        model.CLIPTokenizer.from_dir(str(v4))
+
+def test_pipeline_with_added_token_round_trips(tiny_dir, tmp_path):
+    """A pipeline saved by diffusers with a token added (its text encoder one row longer) loads, and our
+    save_pretrained keeps the token and its row for diffusers."""
+    import diffusers
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    n = len(pipe.tokenizer)
+    pipe.tokenizer.add_tokens(["<cat-toy>"])
+    pipe.text_encoder.resize_token_embeddings(n + 1)
+    row = pipe.text_encoder.get_input_embeddings().weight.data[n]
+    row.copy_(torch.randn(row.shape))
+    pipe.save_pretrained(tmp_path / "in")
+    sd = load(str(tmp_path / "in"))
+    ids = sd.tokenizer(["a <cat-toy> photo"])
+    assert ids[0, 2] == n and torch.equal(sd.text_encoder.text_model.embeddings.token_embedding.weight[n], row)
+    sd.save_pretrained(str(tmp_path / "out"))
+    back = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out", safety_checker=None)
+    assert back.tokenizer("a <cat-toy> photo").input_ids[2] == n
+    assert torch.equal(back.text_encoder.get_input_embeddings().weight[n], row)
+
 def test_tokenizer_rejects_existing_token(tiny_dir):
     """Adding a token already in the vocabulary is an error, not a silent alias."""
     tok = model.CLIPTokenizer.from_dir(os.path.join(tiny_dir, "tokenizer"))
