@@ -198,7 +198,14 @@ def load_lora_file(unet, text_encoder, path, scale=1.0, text_encoder_2=None):
     a_keys = [k for k in sd if k.endswith(suffix_a)]
     stray = set(sd) - set(a_keys) - {k[: -len(suffix_a)] + suffix_b for k in a_keys}
     if stray:
-        raise ValueError(f"{path}: unexpected keys {sorted(stray)[:5]}")
+        # other trainers' namings: kohya's (lora_unet_..., also what export_kohya writes), diffusers' older
+        # attention-processor files (...processor.to_q_lora.down.weight), and peft's own state dict
+        naming = ("kohya's naming (lora_unet_..., lora_down/lora_up)" if any(".lora_down." in k for k in stray) else
+                  "diffusers' old attention-processor naming (to_q_lora.down)" if any("_lora.down." in k for k in stray)
+                  else "peft's naming (base_model.model...)" if any(k.startswith("base_model.") for k in stray)
+                  else f"unexpected keys {sorted(stray)[:5]}")
+        raise ValueError(f"{path}: {naming}; this reads LoRA files in diffusers' naming (unet.<module>.lora_A.weight, "
+                         f"text_encoder...), as train.py's {LORA_FILE} and diffusers' save_lora_weights write them")
     for key in a_keys:
         prefix, _, name = key[: -len(suffix_a)].partition(".")
         if models.get(prefix) is None:

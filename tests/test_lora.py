@@ -335,6 +335,13 @@ def test_kohya_export_keys_and_alpha(tmp_path):
     assert torch.equal(sd[f"{key}.lora_down.weight"], m.lora_A.weight.detach())
     assert torch.equal(sd[f"{key}.lora_up.weight"], m.lora_B.weight.detach())
     assert meta == {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_steps": "10"}, meta
+    # load_lora_file reads diffusers' naming; this one, and diffusers' old attention-processor files, are named
+    old = tmp_path / "old.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight":
+               torch.zeros(4, 32)}, str(old))
+    for file, naming in ((path, "kohya's naming"), (old, "old attention-processor naming")):
+        with pytest.raises(ValueError, match=naming):
+            lora.load_lora_file(*make_models()[:2], file)
 
 
 def test_diffusers_loads_our_files(tmp_path):
