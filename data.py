@@ -251,8 +251,10 @@ def to_uint8(image):
     return (image.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 def save_png(image, path):
-    """(3, H, W) float in [0, 1] -> 8-bit PNG."""
-    Image.fromarray(to_uint8(image)).save(path)
+    """(3, H, W) float in [0, 1] -> 8-bit PNG, written whole then renamed: a kill leaves no cut-short file that a
+    later run would take as drawn."""
+    Image.fromarray(to_uint8(image)).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
 
 def grid(images, cols=4):
     """(N, 3, H, W) -> (3, rows*H, cols*W), filled row by row, white where empty."""

@@ -13,6 +13,7 @@ Paper: Hyung, Shin, Choo, "MagiCapture", AAAI 2024 (equations cited below).
 
 import contextlib
 import copy
+import datetime
 import gc
 import glob
 import json
@@ -221,7 +222,9 @@ if world > 1:
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # the others wait at the next collective while the first process validates and checkpoints: an hour, not
+    # NCCL's default 10 minutes, before a wait counts as a hang
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
     # Ctrl-C is agreed on after every step in host memory (gloo): a flag on the GPU would make the host wait for it
     host_group = dist.new_group(backend="gloo") if device.startswith("cuda") else None
 total_steps = phase1_steps + phase2_steps
@@ -563,16 +566,18 @@ def class_images():
     made_with = dict(prompt=prior_prompt, init_from=init_from, resolution=resolution)
     record = os.path.join(folder, "class_images.json")
     paths = [os.path.join(folder, f"{i:04d}.png") for i in range(prior_images)]
-    if master:  # draws them; the other processes wait, then read them
-        if not os.path.exists(record) or json.load(open(record)) != made_with:  # others' images: draw anew
-            for old in glob.glob(os.path.join(folder, "*.png")):
-                os.remove(old)
-            json.dump(made_with, open(record, "w"))
-        missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]
-        from tqdm import tqdm
-        for i in tqdm(missing, desc=f"class images for '{prior_prompt}'", unit="image", disable=not missing):
-            image = sd.sample([prior_prompt], steps=50, guidance=7.5, seed=i, height=resolution, width=resolution)
-            data.save_png(image[0].cpu(), paths[i])
+    if master and (not os.path.exists(record) or json.load(open(record)) != made_with):  # others': draw anew
+        for old in glob.glob(os.path.join(folder, "*.png")):
+            os.remove(old)
+        json.dump(made_with, open(record, "w"))
+    if world > 1:
+        dist.barrier()
+    # each process draws its share (image i from seed i, whichever draws it), then all read them all
+    mine = [i for i in range(rank, prior_images, world) if not os.path.exists(paths[i])]
+    from tqdm import tqdm
+    for i in tqdm(mine, desc=f"class images for '{prior_prompt}'", unit="image", disable=not (master and mine)):
+        image = sd.sample([prior_prompt], steps=50, guidance=7.5, seed=i, height=resolution, width=resolution)
+        data.save_png(image[0].cpu(), paths[i])
     if world > 1:
         dist.barrier()
     return torch.stack([data.to_tensor(data.read_rgb(path)) * 2 - 1 for path in paths])
