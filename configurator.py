@@ -1,5 +1,5 @@
 """
-Settings for train.py, sample.py and postprocess.py, nanoGPT style: a script defines its settings
+Settings for train.py, sample.py, postprocess.py, eval.py, study.py and bench.py, nanoGPT style: a script defines its settings
 as module globals, then calls configure(globals()), which applies, in order,
 
     python train.py config/portrait.py --lr=1e-4 --seed=3 --attention

@@ -7,9 +7,8 @@ after post-processing), on a fixed set of images drawn from each run.
     python eval.py config/eval.py                               # + post-processing, scored before and after
 
 Each run's config.json says what it learned (base model, tokens, composed templates, photo folders,
-resolution). The prompts are its composed templates, then its first composed prompt "with more
-description" (the paper's phrase), one per entry of the setting descriptions (", wearing sunglasses",
-...); image i uses prompt i mod (number of prompts) and seed + i. The images are kept in <run>/eval/
+resolution). The prompts are its first composed prompt, alone and then "with more description" (the
+paper's phrase), once per entry of the setting descriptions (", wearing sunglasses", ...); image i uses prompt i mod (number of prompts) and seed + i. The images are kept in <run>/eval/
 (p<prompt>_seed<seed>.png) beside draw.json, the settings that drew them: a second call with the same
 settings only scores, other settings redraw.
 

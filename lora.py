@@ -7,11 +7,12 @@ checkpoint still loads strictly; the update adds `to_q.lora_A.weight`
 (rank x in) and `to_q.lora_B.weight` (out x rank), the names PEFT and
 diffusers use.
 
-A training run's outputs (save_result / load_result) are three files in one folder: the learned
+A training run's outputs (save_result / load_result) are files in one folder: the learned
 token embeddings, the LoRA in the diffusers/PEFT format, and the same LoRA in the kohya format read
 by AUTOMATIC1111 and ComfyUI; beside them EMBEDS_DIR, one embedding file per token, for the embeddings
-folders of AUTOMATIC1111 and ComfyUI. A run that trained no LoRA (phase 2 of 0 steps) has no LoRA
-files. An SDXL run (two text encoders) writes SDXL's variants of the same formats.
+folders of AUTOMATIC1111 and ComfyUI. A run that trained no LoRA (phase 2 of 0 steps, or lora_targets=()
+as the DreamBooth and Custom Diffusion baselines) has no LoRA files; one that trained weights in full has
+WEIGHTS_FILE, those weights (with save_pipeline, a whole pipeline/ folder instead). An SDXL run (two text encoders) writes SDXL's variants of the same formats.
 """
 
 import json

@@ -2,7 +2,7 @@
 The paper's post-processing: Real-ESRGAN super-resolution, then CodeFormer face
 restoration pasted back into the enlarged image (MagiCapture, "ours + postprocessing").
 
-    python postprocess.py out/samples/0.png out/samples/1.png --out_dir=out/enhanced
+    python postprocess.py out/samples/seed0.png out/samples/seed1.png --out_dir=out/enhanced
     python postprocess.py a.png --scale=4 --weight=0.7       # larger weight = closer to the input face
     python postprocess.py a.png --no_restore                 # super-resolution only
     python postprocess.py a.png --scale=1                    # face restoration only

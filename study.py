@@ -13,8 +13,9 @@ the two folders' names joined by "_", so data/me:data/passport is me_passport). 
 
 Run the same command again after a stop or a crash: a finished run is kept, an interrupted one resumed from its
 last checkpoint, and eval.py scores again the images it drew before without drawing them. A run counts as
-finished when its learned_embeds.safetensors exists and its log reached phase1_steps + phase2_steps; other changed
-settings are not noticed, so train with other settings in another out_dir.
+finished when its learned_embeds.safetensors and loss.png exist and its log reached phase1_steps + phase2_steps; a
+folder holding a run of other settings or photos is reported and left alone (plan() below), so train with other
+settings in another out_dir.
 
 Writes <out_dir>/study.md (our scores beside the paper's), study.json (the same, with each run), study.png (one
 row per method, one column per pair: each run's first evaluation image), eval.out and eval.md (eval.py's output

@@ -67,7 +67,7 @@ phase2_steps = 1500
 lr_lora = 1e-4
 lr_embed2 = 1e-5
 lora_rank = 4
-lora_alpha = 4.0                 # W' = W + U V^T: alpha = rank, no extra scaling
+lora_alpha = 4.0                 # W' = W + (alpha / rank) U V^T: 4 = the default rank, no extra scaling
 lora_targets = lora.PAPER_UNET   # paper: the cross-attention projections; () = no LoRA (the baselines)
 lora_text_encoder = False        # official script: also LoRA on the text encoder's attention
 lr_lora_text = 1e-4
@@ -132,7 +132,7 @@ batch_size = 1                   # draws of a source and a reference photo (and 
 phase1_batch_size = None         # phase 1's draws per pass (None: batch_size), with as many micro-steps as keep
                                  # its step's batch_size * grad_accum draws; phase 1 (no eq. 7, no attention maps)
                                  # needs far less memory per draw than phase 2
-weight_decay = 1e-3              # AdamW, on LoRA (official); embeddings have none
+weight_decay = 1e-3              # AdamW, on LoRA (official) and weights trained in full; embeddings have none
 grad_clip = 1.0                  # max gradient norm (official: 1.0)
 grad_clip_phase1 = True          # also clip in phase 1 (official: phase 2 only)
 clip_ti_decay = False            # official --clip_ti_decay: after each phase-1 step, pull the norms of <v1> and <v2>
@@ -356,7 +356,7 @@ if any(need.values()):
                        if unmasked else "")
         raise SystemExit(f"{e}\nThe face models are needed for {', '.join(why)}.{photos_hint}")
 
-def find_faces(photos):
+def detect_photo_faces(photos):
     """Each photo's largest face, checked; detections cached in out_dir/faces.json (a resumed run reuses them)."""
     cache_path = os.path.join(out_dir, "faces.json")
     cache = {}
@@ -403,7 +403,7 @@ def face_in_crop(face, square):
     return faces.Face(((face.box.reshape(2, 2) - shift) * k).reshape(4), face.score, (face.landmarks - shift) * k)
 
 if "detector" in face_files:  # the photos whose face is used: for its mask, its crop, or eq. 7's target identity
-    find_faces([p for p in photos if p.path in unmasked or (p in sources and (source_face_crop or lambda_id > 0))])
+    detect_photo_faces([p for p in photos if p.path in unmasked or (p in sources and (source_face_crop or lambda_id > 0))])
 outside = []
 for p in photos:
     around = p.face.box if source_face_crop and p in sources else None  # None: the whole photo, centred
@@ -714,7 +714,7 @@ def micro_step(phase, boost, drawn=None, backward=None):
                          if task.name == "c" and subject == "object" else
                          masked_mse(pred[i:i + 1], noise[i:i + 1], task.loss_mask[None])  # eq. 4 (s), 5 (r), 6 (c)
                          for i, task in enumerate(tasks)])
-    attn, none = torch.zeros_like(recon), torch.zeros_like(recon)  # eq. 8 and eq. 7 where a task has none
+    attn, zeros = torch.zeros_like(recon), torch.zeros_like(recon)  # eq. 8 and eq. 7 where a task has none
     terms = {name: torch.stack([recon[i] for i, task in enumerate(tasks) if task.name == name]).mean()
              for name in dict.fromkeys(task.name for task in tasks)}  # each kind of task's mean over the batch
     terms.update({k: torch.stack([p[k] for p in parts]).mean() for k in (parts[0] if parts else {})})
@@ -725,10 +725,10 @@ def micro_step(phase, boost, drawn=None, backward=None):
         attn = attention_refocus(rec.maps, masks[:, :, 0], present)  # eq. 8, one value per task
         terms["attn"] = attn.mean()
     weight = to_device(torch.tensor([task.weight for task in tasks]), device)
-    loss = total_loss(recon, attn, none, weight, lambda_attn, lambda_id)  # eq. 10 without eq. 7
+    loss = total_loss(recon, attn, zeros, weight, lambda_attn, lambda_id)  # eq. 10 without eq. 7
     backward(loss)
     loss, missed = loss.detach(), None
-    if phase == 2 and lambda_id > 0:  # eq. 7 on the source and composed samples
+    if phase == 2 and lambda_id > 0:  # eq. 7 on the composed samples (and the source ones with id_on_source)
         id_loss, values, found = identity_part(tasks, z0, noise, context, added, t_id, weight, backward)
         loss, missed = loss + id_loss, (~found).sum()  # missed: read on logging steps only
         terms["id"] = values.sum() / found.sum().clamp(min=1)  # the mean over the samples with a face (0: none)
@@ -738,10 +738,10 @@ def micro_step(phase, boost, drawn=None, backward=None):
     return loss, {k: v.detach() for k, v in terms.items()}, missed
 
 def identity_part(tasks, z0, noise, context, added, t_id, weight, backward):
-    """Eq. 10's eq. 7 part, forward and backward, on the tasks with an identity (source and composed samples):
-    their second UNet pass at t_id < t_id_max, in one batch, its output cut; then id_batch_size images at a time,
-    the decode with gradient, crop and ArcFace (identity_term), backpropagated to the cut; then the UNet pass,
-    once. -> (the part, (B,) eq. 7 values, (B,) where a face was found), detached."""
+    """Eq. 10's eq. 7 part, forward and backward, on the tasks with an identity (composed samples; sources too
+    with id_on_source): their second UNet pass at t_id < t_id_max, in one batch, its output cut; then
+    id_batch_size images at a time, the decode with gradient, crop and ArcFace (identity_term), backpropagated
+    to the cut; then the UNet pass, once. -> (the part, (B,) eq. 7 values, (B,) where a face was found), detached."""
     rows = [i for i, task in enumerate(tasks) if task.source is not None]
     sel = to_device(torch.tensor(rows), device)
     owners = to_device(torch.tensor([tasks[i].source for i in rows]), device)
@@ -750,11 +750,11 @@ def identity_part(tasks, z0, noise, context, added, t_id, weight, backward):
     with autocast:
         eps = sd.unet(z_t, t_id, context[sel], rows_of(added, sel))
     eps_cut = eps.detach().requires_grad_()
-    none = torch.zeros(len(tasks), device=device)
+    zeros = torch.zeros(len(tasks), device=device)
     part, values, found, n = 0.0, [], [], id_batch_size or len(rows)
     for c in range(0, len(rows), n):
         v, f = identity_term(z_t[c:c + n], eps_cut[c:c + n], t_id[c:c + n], targets[c:c + n])
-        id_loss = total_loss(none, none, none.index_put((sel[c:c + n],), v), weight, lambda_attn, lambda_id)
+        id_loss = total_loss(zeros, zeros, zeros.index_put((sel[c:c + n],), v), weight, lambda_attn, lambda_id)
         backward(id_loss)
         part = part + id_loss.detach()
         values.append(v.detach())
@@ -788,14 +788,14 @@ def identity_term(z_t, eps, t_id, targets):
     else:
         with autocast:
             images = id_decode((z0_hat / scale_factor).to(ptdtype)).float()  # (B, 3, H, W) in about [-1, 1]
-    found, landmarks = find_faces(images.detach())
+    found, landmarks = faces_on_samples(images.detach())
     # a sample without a face is cropped at the template's own points (its loss is zeroed below): its zero
     # landmarks would give a degenerate transform and a NaN crop
     template = faces.arcface_template(landmarks.device).to(landmarks.dtype)
     emb = arcface(faces.arcface_crop(images, torch.where(found[:, None, None], landmarks, template)))
     return torch.where(found, identity_loss(emb, targets), 0.0), found
 
-def find_faces(images):
+def faces_on_samples(images):
     """(B, 3, H, W) in [-1, 1] -> (found (B,) bool, landmarks (B, 5, 2) of each image's largest face), on the
     device; onnxruntime on the host only where the detector's graph could not run as torch ops."""
     if detector is not None:

@@ -527,7 +527,7 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     assert terms["id"].item() == 0 and int(missed) == 2
     assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
     monkeypatch.undo()
-    # a detector whose graph runs as torch ops: find_faces on the device equals the host path on the same file
+    # a detector whose graph runs as torch ops: faces_on_samples on the device equals the host path on the same file
     import numpy as np
     import faces
     import standins
@@ -537,9 +537,9 @@ def test_identity_loss_gradient_and_skip(cache, tmp_path, face_models, monkeypat
     boxes = torch.from_numpy((boxes.astype(np.float32) - 127.5) / 128).permute(0, 3, 1, 2)
     path = standins.scrfd(str(tmp_path / "scrfd.onnx"), boxes[:1], boxes[1:])
     stand_in, g["face_files"]["detector"] = g["face_files"]["detector"], path
-    host_found, host_landmarks = g["find_faces"](images)
+    host_found, host_landmarks = g["faces_on_samples"](images)
     g["detector"] = faces.detector_torch(path)
-    found, landmarks = g["find_faces"](images)
+    found, landmarks = g["faces_on_samples"](images)
     assert host_found[0] and not host_found[1] and torch.equal(found, host_found), (found, host_found)
     assert torch.allclose(landmarks[found], host_landmarks[found], atol=1e-3), (landmarks - host_landmarks).abs().max()
     # a whole phase-2 micro-step with that detector, eq. 7 and eq. 8, forward and backward, reads nothing back:
