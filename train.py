@@ -1043,6 +1043,19 @@ def request_stop(signum, frame):
     print("\nstopping after this step to write a checkpoint (Ctrl-C again quits at once, losing the work "
           "since the last checkpoint)", file=sys.stderr, flush=True)
 
+def redo_validation(step):
+    """A resumed run's checkpoint step was due a validation that its log row lacks (it failed, or a stop under
+    torchrun left it out): draw it now, into that row."""
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f]
+    if not rows or rows[-1]["step"] != step or "samples" in rows[-1]:
+        return
+    print(f"drawing the validation of step {step}, which the interrupted run did not")
+    with eager():
+        rows[-1].update(evaluate(step))
+    with open(log_path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
 # -----------------------------------------------------------------------------
 # the loop
 start = 0
@@ -1089,6 +1102,8 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
+        if master and (start % eval_interval == 0 or start == first + steps):
+            redo_validation(start)
     trainable = [p for g in opt.param_groups for p in g["params"]]
     for step in range(max(start, first), first + steps):
         boost = style_boost if step - first < steps / 2 else 1.0

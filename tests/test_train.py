@@ -166,7 +166,7 @@ def fail_on_call(n):
 def test_a_failure_keeps_the_steps_done(cache, run, tmp_path, monkeypatch, capsys, fails, done):
     """An error in a step's passes (here in step 6) or in a validation (at step 3, the end of phase 1) writes a
     checkpoint of the steps done (the generator rewound to where step 6's draws start), and the error still
-    shows; --resume then ends bit-identical to the run that never failed."""
+    shows; --resume then draws the failed validation and ends bit-identical to the run that never failed."""
     import data
     import losses
     if fails == "step":  # calls: phase 1's FLOP count pass and steps 1-3, phase 2's count pass and steps 4, 5, 6
@@ -190,6 +190,9 @@ def test_a_failure_keeps_the_steps_done(cache, run, tmp_path, monkeypatch, capsy
     assert r.returncode == 0 and f"at step {done}" in r.stdout, r.stderr[-3000:]
     assert_same_result(run[0], out)
     assert [r["step"] for r in log(out)] == [1, 2, 3, 4, 5, 6]
+    # the failed validation is drawn on resume, into its log row
+    assert [r["step"] for r in log(out) if "samples" in r] == [3, 6] and (out / "samples" / "step00003.png").exists()
+    assert ("drawing the validation of step 3" in r.stdout) == (fails == "validation"), r.stdout
 
 @pytest.mark.slow
 def test_compile_trains_the_same_weights(cache, run, tmp_path, monkeypatch):
