@@ -294,6 +294,10 @@ if resume:
                          "batch_size * grad_accum):\n" + "\n".join(changed) + f"\nResume with the run's settings (all "
                          f"in {out_dir}/config.json), or start a new run with --overwrite or another --out_dir.")
     run_id = ckpt["run_id"]
+    if world == 1 and all(was.get(k) == now[k] for k in ("batch_size", "phase1_batch_size")):
+        # a run that ran out of GPU memory went on in smaller passes (fewer_draws_per_pass): so does its resumption
+        micro_batch.update(ckpt.get("passes", {}))
+        accum.update({phase: draws // n for phase, n in micro_batch.items()})
     print(f"resuming from {path} at step {ckpt['step']}"
           + (" (the run's last: its outputs are written again)" if ckpt["step"] == total_steps else ""))
 else:
@@ -896,7 +900,7 @@ def save_checkpoint(step, phase, gen_state=None):
     os.makedirs(ckpt_dir, exist_ok=True)
     state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), trained=trained_tensors(),
                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                 gen=gen.get_state() if gen_state is None else gen_state, config=config)
+                 gen=gen.get_state() if gen_state is None else gen_state, config=config, passes=dict(micro_batch))
     path = checkpoint_path(step)
     tmp = f"{path}.tmp{rank}"
     try:

@@ -912,7 +912,7 @@ def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch, capsys):
         if name == "4 on 6":  # phase 1 draws 2 samples (source, reference), phase 2 three (and the composed)
             monkeypatch.setattr(model.UNet, "forward", small_memory)
         g = run_in_process(cache, monkeypatch, out, "--phase1_steps=2", "--phase2_steps=2", f"--batch_size={batch}",
-                           f"--grad_accum={accum}", f"--phase1_batch_size={first}")
+                           f"--grad_accum={accum}", f"--phase1_batch_size={first}", "--ckpt_interval=1")
         final[name] = {**load_file(str(out / "pytorch_lora_weights.safetensors")),
                        **load_file(str(out / "learned_embeds.safetensors"))}
         flop[name] = [r["gflop"] for r in log(out)]
@@ -928,6 +928,14 @@ def test_batch_size_equals_accumulation(cache, tmp_path, monkeypatch, capsys):
     assert [r["draws_per_pass"] for r in log(tmp_path / "b4 on 6")] == [2, 2, 2, 2]
     assert [r["draws_per_pass"] for r in log(tmp_path / "b4+1")] == [4, 4, 1, 1]
     assert all(torch.equal(final["4 on 6"][k], final["2"][k]) for k in final["2"])
+    # resumed at step 3, the run goes on in the passes it fell back to, without running out of memory again
+    os.remove(tmp_path / "b4 on 6" / "checkpoints" / "step000004.pt")
+    g = run_in_process(cache, monkeypatch, tmp_path / "b4 on 6", "--phase1_steps=2", "--phase2_steps=2",
+                       "--batch_size=4", "--grad_accum=1", "--phase1_batch_size=None", "--ckpt_interval=1", "--resume")
+    assert g["micro_batch"] == {1: 2, 2: 2} and "ran out of GPU memory" not in capsys.readouterr().err
+    resumed = {**load_file(str(tmp_path / "b4 on 6" / "pytorch_lora_weights.safetensors")),
+               **load_file(str(tmp_path / "b4 on 6" / "learned_embeds.safetensors"))}
+    assert all(torch.equal(resumed[k], final["2"][k]) for k in final["2"])
     # the mfu's peaks, by the names torch reports; variants that are not listed get none (no wrong peak)
     peaks = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA A100-SXM4-80GB": 312, "NVIDIA L40": 181,
              "NVIDIA L4": 121, "NVIDIA GeForce RTX 4090": 165, "NVIDIA GeForce RTX 4090 D": None,
