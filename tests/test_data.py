@@ -303,6 +303,18 @@ def test_color_jitter_is_torchvisions_brightness_and_contrast():
     b = data.color_jitter(img, 0.5, torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.min() >= -1 and a.max() <= 1 and not torch.equal(a, img)
     assert torch.allclose(data.color_jitter(img, 0.0, torch.Generator()), img, atol=1e-6)
+    # torchvision's formulas (functional.adjust_brightness / adjust_contrast on float images) on a non-flat image:
+    # blend(x, other, f) = (f * x + (1 - f) * other).clamp(0, 1), other = black, or the mean of the ITU-R 601 grey
+    x = img / 2 + 0.5
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        f = 1 + 0.5 * (2 * torch.rand(2, generator=g) - 1)  # the same draws as color_jitter's, in its order
+        want = x
+        for op in torch.randperm(2, generator=g).tolist():
+            other = 0.0 if op == 0 else (want * torch.tensor([0.2989, 0.587, 0.114])[:, None, None]).sum(0).mean()
+            want = (f[op] * want + (1 - f[op]) * other).clamp(0, 1)
+        got = data.color_jitter(img, 0.5, torch.Generator().manual_seed(seed)) / 2 + 0.5
+        assert torch.allclose(got, want, atol=1e-6), seed
 
 
 def test_synthetic_data_needs_two_folders(tmp_path):

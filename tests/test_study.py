@@ -172,3 +172,17 @@ def test_scores_of_vanished_images_and_a_failed_evaluation(tmp_path):
     text = study.markdown([], [], [pair], None, eval_failed="$ python eval.py\nboom")
     assert "The evaluation of this call failed" in text and "## Failed evaluation" in text and "boom" in text
     assert "failed" not in study.markdown([], [], [pair], None)
+
+def test_pooled_scores_every_image_of_every_pair():
+    """A row's mean and std are over all images of all pairs (not the mean of each pair's), its face count summed."""
+    scores = {"a": [0.1, 0.3], "b": [0.5, 0.5, 0.5, 0.9]}  # unequal counts and spreads: the two ways differ
+    run = lambda name: study.Run("config/portrait.py", "portrait", study.Pair(name, "s", "r"), f"runs/{name}", 1, 1, {})
+    scored = {run(name):
+              {"plain": {"images": [dict(file=f"{i}.png", face_found=i > 0, csim=v, style=v, aesthetic=v)
+                                    for i, v in enumerate(values)]}} for name, values in scores.items()}
+    row, first = study.pooled("ours", "config/portrait.py", "plain", scored)
+    every = scores["a"] + scores["b"]
+    assert row["images"] == 6 and row["pairs"] == 2 and row["faces_not_found"] == 2
+    for m in study.METRICS:
+        assert np.isclose(row[m]["mean"], np.mean(every)) and np.isclose(row[m]["std"], np.std(every)), row[m]
+    assert first == {"a": os.path.join("runs/a", "eval", "0.png"), "b": os.path.join("runs/b", "eval", "0.png")}
