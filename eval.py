@@ -380,11 +380,11 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
     files = {"plain": [f"p{p}_seed{s}.png" for p, s in zip(prompt_index, seeds)]}
     weights = [os.path.join(run, f) for f in (lora.EMBEDS_FILE, lora.LORA_FILE, lora.WEIGHTS_FILE)
                if os.path.isfile(os.path.join(run, f))]
-    base = base_model(run, cfg)[0]
+    base, variant = base_model(run, cfg)
     # a local model folder by its weight files' sizes and times (hashing a pipeline's gigabytes each call would
     # cost more than it saves): a DreamBooth run trained again draws anew
     local = sorted(glob.glob(os.path.join(base, "*", "*.safetensors"))) if os.path.isdir(base) else []
-    draw = dict(init_from=base, variant=cfg.get("variant"), weights_sha256=tensors_digest(weights),
+    draw = dict(init_from=base, variant=variant, weights_sha256=tensors_digest(weights),
                 base_files=[(os.path.relpath(f, base), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in local],
                 prompts=prompts, seeds=seeds, sampler=sampler,
                 steps=steps, guidance=guidance, lora_scale=lora_scale, resolution=cfg["resolution"], device=device,
