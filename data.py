@@ -56,6 +56,9 @@ def list_images(folder):
                        f"save it as {os.path.join(folder, stem)}.png")
         elif ext.lower() in EXTENSIONS and not n.startswith("."):
             paths.append(path)
+        elif ext.lower() in (".heic", ".heif"):  # iPhones' default; Pillow cannot read it
+            print(f"warning: skipping {path}: HEIC is not read; save it as JPEG (on a Mac: sips -s format jpeg "
+                  f"{n} --out {stem}.jpg)")
         else:
             print(f"warning: skipping {path} (not a .jpg/.jpeg/.png/.webp photo)")
     stems = {}

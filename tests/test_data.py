@@ -30,17 +30,21 @@ def png(path, size, bit_depth, color_type, rows=()):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 def test_reads_jpg_png_webp_any_case_and_skips_junk(tmp_path, capsys):
-    """jpg/png/webp in any case are read; .DS_Store and text files are skipped with a warning naming them."""
+    """jpg/png/webp in any case are read; .DS_Store, text and HEIC files are skipped with a warning naming them
+    (HEIC's with the conversion)."""
     photo(tmp_path / "a.JPG")
     photo(tmp_path / "b.png")
     photo(tmp_path / "c.WebP")
     (tmp_path / ".DS_Store").write_bytes(b"\0\1")
     (tmp_path / "notes.txt").write_text("hi")
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\0\1")
     items = load(str(tmp_path))
     assert all(isinstance(i, data.Photo) for i in items)
     assert [os.path.basename(i.path) for i in items] == ["a.JPG", "b.png", "c.WebP"]
     out = capsys.readouterr().out
     assert ".DS_Store" in out and "notes.txt" in out
+    assert "IMG_0001.HEIC: HEIC is not read; save it as JPEG (on a Mac: sips -s format jpeg IMG_0001.HEIC --out " \
+           "IMG_0001.jpg)" in out
     assert items[0].image.shape == (3, 64, 64) and items[0].mask is None
     assert -1 <= items[0].image.min() and items[0].image.max() <= 1
 
