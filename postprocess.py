@@ -1,12 +1,16 @@
 """
 The paper's post-processing: Real-ESRGAN super-resolution, then CodeFormer face
 restoration pasted back into the enlarged image (MagiCapture, "ours + postprocessing").
+The official inference script does it another way (--upsampler=bilinear): CodeFormer's
+helper without a background upsampler restores the faces at the image's own size and
+pastes them into a bilinear enlargement, blended through a face-parsing mask.
 
     python postprocess.py out/samples/seed0.png out/samples/seed1.png --out_dir=out/enhanced
     python postprocess.py a.png --scale=4 --weight=0.7       # larger weight = closer to the input face
     python postprocess.py a.png --no_restore                 # super-resolution only
     python postprocess.py a.png --scale=1                    # face restoration only
     python postprocess.py a.png --parse                      # replace face classes only: hair, background untouched
+    python postprocess.py a.png --upsampler=bilinear --parse # as the official inference script
 
 Writes <name>_enhanced.png per input. In code: enhance(image) on an HxWx3 uint8 RGB
 array (sample.py's --postprocess calls it). The ONNX files come from the Hub through
@@ -21,12 +25,13 @@ import cv2
 import numpy as np
 
 import faces
-from configurator import configure
+from configurator import check_choice, configure
 
 # -----------------------------------------------------------------------------
 # command-line settings (read only when run as a script)
 out_dir = "out/enhanced"
 scale = 2.0               # output size / input size (official inference: 2)
+upsampler = "real_esrgan" # the enlargement: "real_esrgan" (the paper's), or "bilinear" (the official script's)
 weight = 0.5              # CodeFormer fidelity (official inference: 0.5)
 no_restore = False        # super-resolution only
 parse = False             # restore face classes only (BiSeNet parsing)
@@ -117,19 +122,25 @@ def paste_back(image, crop, matrix, parse_mask=None):
     mask = mask[..., None]
     return image * (1 - mask) + face * mask
 
-def restore_faces(image, weight=0.5, model=None, detector=None, parse=False, parser=None):
+def restore_faces(image, weight=0.5, model=None, detector=None, parse=False, parser=None, canvas=None):
     """CodeFormer on every detected face of an HxWx3 uint8 RGB image -> (image, number of faces restored).
 
     weight is CodeFormer's fidelity w in [0, 1]: smaller restores more, larger keeps closer to the
     input (official inference: 0.5). parse (implied by a parser file) replaces only the face classes
-    of the BiSeNet parsing (faces.face_mask), leaving hair, neck and background untouched."""
+    of the BiSeNet parsing (faces.face_mask), leaving hair, neck and background untouched. canvas, if
+    given, is an enlargement of the image that the faces found and restored in the image are pasted into
+    (the official script's order), and the result is the size of the canvas."""
     check_image(image)
+    canvas = image if canvas is None else canvas
     found = faces.detect(image, model=detector)
     if not found:
-        return image, 0
+        return canvas, 0
     sess = faces.session(faces.model_path("restorer", model))
     args = sess.get_inputs()  # the real file: image (1, 3, 512, 512) float32, weight (1,) float64
-    out = image.astype(np.float32)
+    out = canvas.astype(np.float32)
+    # canvas -> image coordinates, pixel centres as cv2.resize places them: x = (X + 0.5) * w / W - 0.5
+    sx, sy = image.shape[1] / canvas.shape[1], image.shape[0] / canvas.shape[0]
+    to_image = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]])
     for face in found:
         matrix = faces.similarity_transform(face.landmarks, faces.FFHQ_TEMPLATE)  # (2, 3) image -> crop
         # unlike faces.warp (black outside the image), replicate the border: a crop reaching past the image
@@ -142,15 +153,20 @@ def restore_faces(image, weight=0.5, model=None, detector=None, parse=False, par
         y = sess.run(None, feeds)[0][0].astype(np.float32)                         # (3, 512, 512) in [-1, 1]
         restored = (np.clip(y, -1, 1).transpose(1, 2, 0) + 1) * 127.5
         parse_mask = faces.face_mask(image, face, model=parser) if parse or parser else None
-        out = paste_back(out, np.ascontiguousarray(restored), matrix, parse_mask)
+        if parse_mask is not None and canvas is not image:
+            parse_mask = cv2.resize(parse_mask, canvas.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+        out = paste_back(out, np.ascontiguousarray(restored), matrix @ to_image, parse_mask)  # canvas -> crop
     return np.clip(np.rint(out), 0, 255).astype(np.uint8), len(found)
 
 # -----------------------------------------------------------------------------
 
-def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, detector=None, parse=False, parser=None):
+UPSAMPLERS = ("real_esrgan", "bilinear")
+
+def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, detector=None, parse=False, parser=None,
+                upsampler="real_esrgan"):
     """{kind: local .onnx path} of the models enhance() will run with these settings, each found in the cache
     (or downloaded) now: a missing one stops the command before any work, naming the file and how to fetch it."""
-    wanted = dict(upscaler=(upscale_factor != 1, upscaler), restorer=(restore, restorer),
+    wanted = dict(upscaler=(upscale_factor != 1 and upsampler == "real_esrgan", upscaler), restorer=(restore, restorer),
                   detector=(restore, detector), parser=(restore and (parse or parser is not None), parser))
     try:
         return {kind: faces.model_path(kind, path) for kind, (used, path) in wanted.items() if used}
@@ -158,21 +174,29 @@ def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, de
         raise SystemExit(str(e))
 
 def enhance(image, upscale_factor=2, restore=True, weight=0.5, tile=256, overlap=16,
-            upscaler=None, restorer=None, detector=None, parse=False, parser=None):
-    """The paper's order: super-resolution first, then face restoration on the enlarged image.
-    upscale_factor 1 skips super-resolution; restore=False skips faces. Prints what it did."""
+            upscaler=None, restorer=None, detector=None, parse=False, parser=None, upsampler="real_esrgan"):
+    """upsampler "real_esrgan", the paper's order: super-resolution first, then face restoration on the enlarged
+    image. "bilinear", the official inference script's (CodeFormer's helper without a background upsampler): the
+    image enlarged bilinearly, the faces found and restored in the image as it was, pasted into the enlargement.
+    upscale_factor 1 enlarges nothing; restore=False skips faces. Prints what it did."""
     check_image(image)
+    if upsampler not in UPSAMPLERS:
+        raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
     h, w = image.shape[:2]
-    upscaled = upscale_factor != 1
-    if upscaled:
+    upscaled, canvas = upscale_factor != 1, None
+    if upscaled and upsampler == "real_esrgan":
         image = upscale(image, upscale_factor, tile, overlap, upscaler)
         print(f"upscaled {w}x{h} -> {image.shape[1]}x{image.shape[0]} (Real-ESRGAN)")
-    if restore:
-        image, n = restore_faces(image, weight, restorer, detector, parse, parser)
-        if n:
-            print(f"restored {n} face{'s' if n > 1 else ''} (CodeFormer, weight {weight})")
-        else:
-            print("no face found: upscaled only" if upscaled else "no face found: image unchanged")
+    elif upscaled:
+        canvas = cv2.resize(image, (round(w * upscale_factor), round(h * upscale_factor)), interpolation=cv2.INTER_LINEAR)
+        print(f"upscaled {w}x{h} -> {canvas.shape[1]}x{canvas.shape[0]} (bilinear)")
+    if not restore:
+        return image if canvas is None else canvas
+    image, n = restore_faces(image, weight, restorer, detector, parse, parser, canvas)
+    if n:
+        print(f"restored {n} face{'s' if n > 1 else ''} (CodeFormer, weight {weight})")
+    else:
+        print("no face found: upscaled only" if upscaled else "no face found: image unchanged")
     return image
 
 if __name__ == "__main__":
@@ -184,6 +208,7 @@ if __name__ == "__main__":
     if not paths:
         raise SystemExit("no image given: python postprocess.py in.png [more.png ...] [--key=value ...] "
                          "(--help lists the settings)")
+    check_choice("upsampler", upsampler, UPSAMPLERS)
     if not (scale > 0 and 0 <= weight <= 1 and tile > 0 and overlap >= 0):
         raise SystemExit(f"scale must be > 0, weight in [0, 1] (CodeFormer's fidelity), tile > 0 and overlap >= 0; "
                          f"got scale={scale}, weight={weight}, tile={tile}, overlap={overlap}")
@@ -197,11 +222,11 @@ if __name__ == "__main__":
                              "different --out_dir values, or rename one")
         names[name] = p
     models = find_models(scale, not no_restore, upscaler_model or None, restorer_model or None,
-                         detector_model or None, parse, parser_model or None)
+                         detector_model or None, parse, parser_model or None, upsampler)
     os.makedirs(out_dir, exist_ok=True)
     for name, p in names.items():
         print(p)
         image = enhance(np.asarray(read_rgb(p)), scale, not no_restore, weight, tile, overlap, models.get("upscaler"),
-                        models.get("restorer"), models.get("detector"), parse, models.get("parser"))
+                        models.get("restorer"), models.get("detector"), parse, models.get("parser"), upsampler)
         Image.fromarray(image).save(name)
         print(f"-> {name}")

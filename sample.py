@@ -49,9 +49,13 @@ attention = False         # also save each placeholder token's cross-attention h
 postprocess = False       # also save an enhanced copy: super-resolution, then face restoration
 upscale_factor = 2        # of the enhanced copy (the official inference: CodeFormer with 2x upscale)
 restore_weight = 0.5      # CodeFormer fidelity: smaller restores more, larger keeps more (official: 0.5)
+upsampler = "real_esrgan" # the enlargement: Real-ESRGAN, then faces restored (the paper's), or "bilinear": faces
+                          # restored at the drawn size, pasted into a bilinear enlargement (the official script's)
+restore_parse = False     # blend restored faces through a face-parsing mask: hair, neck stay (official: True)
 upscaler_model = ""       # "" takes the file from the Hub repo facefusion/models-3.0.0; or a local .onnx
 restorer_model = ""
 detector_model = ""
+parser_model = ""
 out_dir = "out/samples"
 overwrite = False         # replace the images of an earlier call in out_dir (else an out_dir holding some is refused)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,9 +80,10 @@ if earlier and not overwrite:  # their images would be mixed with these, and sam
                      "--out_dir, or replace them with --overwrite")
 enhancers = {}
 if postprocess:  # found now, not after the first images are drawn
-    from postprocess import find_models
+    from postprocess import UPSAMPLERS, find_models
+    check_choice("upsampler", upsampler, UPSAMPLERS)
     enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
-                            detector_model or None)
+                            detector_model or None, restore_parse, parser_model or None, upsampler)
 run_folder = (lora if os.path.isdir(lora) else os.path.dirname(lora)) if lora else None
 run_config = {}
 if run_folder and os.path.isfile(os.path.join(run_folder, "config.json")):
@@ -110,7 +115,8 @@ def save_enhanced(image, stem):
     from postprocess import enhance
     plain = to_uint8(image)
     better = enhance(plain, upscale_factor, restore=True, weight=restore_weight, upscaler=enhancers.get("upscaler"),
-                     restorer=enhancers.get("restorer"), detector=enhancers.get("detector"))
+                     restorer=enhancers.get("restorer"), detector=enhancers.get("detector"), parse=restore_parse,
+                     parser=enhancers.get("parser"), upsampler=upsampler)
     Image.fromarray(better).save(stem + "_enhanced.png")
     before = np.asarray(Image.fromarray(plain).resize(better.shape[1::-1], Image.NEAREST))
     Image.fromarray(np.concatenate([before, better], axis=1)).save(stem + "_compare.png")

@@ -167,6 +167,30 @@ def test_enhance_restores_on_the_upscaled_image(models, tmp_path, monkeypatch, c
     assert np.abs(out[100, 100].astype(int) - (0, 255, 0)).max() <= 1
     assert "restored 1 face (CodeFormer, weight 0.7)" in capsys.readouterr().out
 
+def test_enhance_bilinear_restores_at_the_drawn_size(models, tmp_path, monkeypatch, capsys):
+    """The official script's order: faces found and restored in the image as drawn, pasted into its bilinear 2x
+    enlargement (no Real-ESRGAN model needed); away from the face the result is that enlargement exactly, and a
+    restorer that returns its crop changes it by no more than resampling would."""
+    image = smooth_image(150, 160)
+    det = plant(tmp_path / "det.onnx", image.shape, (80, 75), eye_distance=30)
+    (face,) = faces.detect(image, det)
+    seen, detect = [], faces.detect
+    monkeypatch.setattr(faces, "detect", lambda im, model=None, **kw: seen.append(im.shape) or detect(im, model, **kw))
+    assert set(postprocess.find_models(2, True, None, models["green"], det, upsampler="bilinear")) == {"restorer",
+                                                                                                      "detector"}
+    out = postprocess.enhance(image, upscale_factor=2, restorer=models["green"], detector=det, upsampler="bilinear")
+    assert seen == [(150, 160, 3)] and out.shape == (300, 320, 3)
+    assert "upscaled 160x150 -> 320x300 (bilinear)" in capsys.readouterr().out
+    x, y = face.landmarks[2].round().astype(int)  # the nose, at twice its coordinates in the enlargement
+    assert np.abs(out[2 * y, 2 * x].astype(int) - (0, 255, 0)).max() <= 1, out[2 * y, 2 * x]
+    enlarged = cv2.resize(image, (320, 300), interpolation=cv2.INTER_LINEAR)
+    outside = ~cv2.resize(crop_footprint(image, face, grow=2).astype(np.uint8), (320, 300),
+                          interpolation=cv2.INTER_NEAREST).astype(bool)
+    assert outside.sum() > 0.3 * outside.size and (out[outside] == enlarged[outside]).all()
+    same = postprocess.enhance(image, upscale_factor=2, restorer=models["identity"], detector=det, upsampler="bilinear")
+    diff = np.abs(same.astype(int) - enlarged)
+    assert diff.max() <= 2 and diff.mean() < 0.15, (diff.max(), diff.mean())
+
 def cli(*args):
     return subprocess.run([sys.executable, "postprocess.py", *args], cwd=ROOT, capture_output=True, text=True)
 

@@ -192,3 +192,12 @@ def test_sample_postprocess(runs, tmp_path):
     assert Image.open(out / "seed0_compare.png").size == (256, 128)
     # the stand-in restorer paints the face green: the face centre (letterbox 320,340 -> 32,34 -> x2) is green
     assert tuple(enhanced[68, 64]) == (0, 255, 0), enhanced[68, 64]
+    # the official script's way: no Real-ESRGAN file needed, the faces blended through a parsing mask
+    del m["upscaler"]
+    m["parser"] = standins.parser(str(tmp_path / "parse.onnx"), np.ones((512, 512), int))  # all skin
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'b'}", *SMALL, "--postprocess", "--upsampler=bilinear",
+            "--restore_parse=True", *[f"--{k}_model={v}" for k, v in m.items()])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restored 1 face" in r.stdout and "upscaled 64x64 -> 128x128 (bilinear)" in r.stdout
+    enhanced = np.asarray(Image.open(tmp_path / "b" / "seed0_enhanced.png"))
+    assert enhanced.shape == (128, 128, 3) and tuple(enhanced[68, 64]) == (0, 255, 0), enhanced[68, 64]
