@@ -49,6 +49,7 @@ batch_size = 4
 lora_scale = 1.0
 postprocess = False       # also score each image after Real-ESRGAN + CodeFormer (the paper's Table 3)
 upscale_factor = 2        # of the post-processed copy (official inference: 2)
+upsampler = "real_esrgan" # the paper's order; "bilinear": the official inference script's (postprocess.enhance)
 restore_weight = 0.5      # CodeFormer fidelity (official inference: 0.5)
 upscaler_model = ""       # "" takes the file from the Hub repo facefusion/models-3.0.0; or a local .onnx
 restorer_model = ""
@@ -406,14 +407,14 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
     if postprocess:
         from postprocess import enhance
         files["enhanced"] = [f.replace(".png", "_enhanced.png") for f in files["plain"]]
-        enhanced = dict(draw, upscale_factor=upscale_factor, restore_weight=restore_weight,
+        enhanced = dict(draw, upscale_factor=upscale_factor, upsampler=upsampler, restore_weight=restore_weight,
                         upscaler_model=upscaler_model, restorer_model=restorer_model, detector_model=detector_model)
         if cached(folder, "enhanced", enhanced, files["enhanced"]):
             images["enhanced"] = read_images(folder, files["enhanced"])
         else:
             images["enhanced"] = [enhance(im, upscale_factor, restore=True, weight=restore_weight,
-                                          upscaler=models["upscaler"], restorer=models["restorer"],
-                                          detector=models["detector"])
+                                          upscaler=models.get("upscaler"), restorer=models["restorer"],
+                                          detector=models["detector"], upsampler=upsampler)
                                   for im in tqdm(images["plain"], desc="post-processing", unit="image")]
             for f, im in zip(files["enhanced"], images["enhanced"]):
                 Image.fromarray(im).save(os.path.join(folder, f))
@@ -501,7 +502,9 @@ if __name__ == "__main__":
             raise SystemExit(f"{run}: {e}")
     chosen = dict(detector=detector_model, recognizer=recognizer_model, parser=parser_model)
     if postprocess:
-        chosen.update(upscaler=upscaler_model, restorer=restorer_model)
+        from postprocess import UPSAMPLERS
+        check_choice("upsampler", upsampler, UPSAMPLERS)
+        chosen.update(restorer=restorer_model, **({"upscaler": upscaler_model} if upsampler == "real_esrgan" else {}))
     try:  # every file found (or fetched) before the first image is drawn
         models = {kind: faces.model_path(kind, path or None) for kind, path in chosen.items()}
         predictor = load_aesthetic(aesthetic_weights(aesthetic_model, aesthetic_repo, aesthetic_file), device)

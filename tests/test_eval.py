@@ -222,6 +222,14 @@ def test_eval_end_to_end(env, tmp_path):
         assert again == first[run], "a second call with the same settings drew its images again"
     assert table.read_text().strip().splitlines() == rows, "same images, different scores"
 
+    # the official script's post-processing: the plain images kept, the enhanced ones made again, no upscaler file
+    r = run_eval(env, f"--runs={runs[0]}", f"--table_file={table}", post[1], "--postprocess", "--upsampler=bilinear")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "scoring them again" in r.stdout and r.stdout.count("(bilinear)") == 2, r.stdout
+    assert {f: os.stat(runs[0] / "eval" / f).st_mtime_ns for f in first[runs[0]] if "enhanced" not in f} == \
+        {f: t for f, t in first[runs[0]].items() if "enhanced" not in f}
+    assert Image.open(runs[0] / "eval" / "p0_seed0_enhanced.png").size == (128, 128)
+
     r = run_eval(env, f"--runs={runs[0]}", f"--table_file={table}", "--steps=3")  # another setting: drawn anew
     assert r.returncode == 0, r.stderr[-3000:]
     assert "scoring them again" not in r.stdout and "drawing run_a" in r.stderr, r.stdout
