@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import shlex
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
@@ -1308,32 +1309,37 @@ def read_json(path):
 
 def hub_download(repo_id, variant=None):
     """Fetch only the files the pipeline needs (no safety checker, no .ckpt) through huggingface_hub's cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import errors, snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
     patterns = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", "tokenizer_2/*"]
     patterns += [f"{p}/{PARTS[p][0]}" for p in PARTS] + [f"{p}/{weights_name(p, variant)}" for p in PARTS]
-    if not variant:  # a part split in shards: its index, and the shards it lists
-        patterns += [f"{p}/{PARTS[p][1]}.safetensors.index.json" for p in PARTS]
-        patterns += [f"{p}/{PARTS[p][1]}-*-of-*.safetensors" for p in PARTS]
+    # a part split in shards: its index and the shards it lists, as diffusers and transformers name them
+    dot = f".{variant}" if variant else ""
+    patterns += [f"{p}/{PARTS[p][1]}.safetensors.index{dot}.json" for p in PARTS]
+    patterns += [f"{p}/{PARTS[p][1]}{dot}-*-of-*.safetensors" for p in PARTS]
+    fetch = f"hf download {repo_id} --include {' '.join(shlex.quote(p) for p in patterns)} --local-dir <dir>"
+
+    def cut_short(what):
+        return FileNotFoundError(
+            f"the cached copy of '{repo_id}' {what}: a download cut short, or the repo has no such file"
+            f"{f' (is there a {variant!r} variant?)' if variant else ''}. Run once with network access to complete "
+            f"it, or on another machine run\n  {fetch}\ncopy <dir> here and pass its path as init_from.")
     try:
         path = snapshot_download(repo_id, allow_patterns=patterns)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
-        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the Hub could not be reached or refused the request"
+    except getattr(errors, "IncompleteSnapshotError", ()):  # offline, some files cached (huggingface_hub 2)
+        raise cut_short(f"in {HF_HUB_CACHE} lacks some of its files") from None
+    except Exception as e:  # the Hub's answers, and the HTTP library's own errors (not OSError in httpx)
+        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the Hub could not be reached, or the download failed"
+        first_line = str(e).partition("\n")[0]
         raise RuntimeError(
-            f"could not get '{repo_id}' from the Hugging Face Hub ({why}) and it is not in the cache {HF_HUB_CACHE}.\n"
-            f"Fix: run once with network access, or on another machine run\n"
-            f"  hf download {repo_id} --include {' '.join(patterns)} --local-dir <dir>\n"
-            f"copy <dir> here and pass its path as init_from.\n({type(e).__name__}: {e})") from e
+            f"could not get '{repo_id}' from the Hugging Face Hub ({why}), and the cache {HF_HUB_CACHE} does not "
+            f"hold all of it.\nFix: run once with network access, or on another machine run\n  {fetch}\n"
+            f"copy <dir> here and pass its path as init_from.\n({type(e).__name__}: {first_line})") from e
     for p in pipeline_parts(read_json(os.path.join(path, "model_index.json"))):
         try:
             weight_files(path, p, variant)
         except FileNotFoundError:
-            raise FileNotFoundError(
-                f"the cached copy of '{repo_id}' ({path}) has no {p}/{weights_name(p, variant)}: a download cut "
-                f"short, or the repo has no such file{f' (is there a {variant!r} variant?)' if variant else ''}. "
-                f"Run once with network access to complete it, or fetch it with `hf download {repo_id} "
-                f"{p}/{weights_name(p, variant)}`") from None
+            raise cut_short(f"({path}) has no {p}/{weights_name(p, variant)}") from None
     return path
 
 def hub_file(repo_id, name):
@@ -1349,10 +1355,10 @@ def hub_file(repo_id, name):
         raise OSError("HF_HUB_OFFLINE=1")
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, name))
+        return hf_hub_download(repo_id, name)
     except Exception as e:  # the HTTP library, and so its errors, differ between huggingface_hub versions
         first_line = str(e).partition("\n")[0]
         raise OSError(f"{type(e).__name__}: {first_line}") from None
-    return hf_hub_download(repo_id, name)
 
 def tower_hub_download(repo_id, weight_names):
     """Fetch an image tower's config.json and its weights (the first of weight_names the repo has; nothing
