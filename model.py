@@ -790,7 +790,8 @@ class AttentionRecorder:
     def add(self, name, probs, hw):
         B = self.select.shape[0]
         probs = probs.view(B, -1, hw[0] * hw[1], probs.shape[-1])  # (B, heads, hw, 77)
-        cols = probs @ self.select.to(probs)[:, None]  # (B, heads, hw, K)
+        with torch.autocast(probs.device.type, enabled=False):  # kept fp32: autocast would cast the matmul down
+            cols = probs @ self.select.to(probs)[:, None]  # (B, heads, hw, K)
         if not self.replaying:  # (a replay computes the same, to rebuild what the backward pass needs)
             self.maps.append(cols.view(B, cols.shape[1], hw[0], hw[1], -1))
             self.names.append(name)

@@ -1201,6 +1201,8 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                     say_memory_hint(e, phase, validation=True)
                     raise
                 bar.set_description_str("")
+                if device.startswith("cuda"):  # the next row's peak: its training steps', not this validation's
+                    torch.cuda.reset_peak_memory_stats(device)
                 seconds = time.time() - t_row  # the validation's
                 row["eval_seconds"] = round(seconds, 2)
                 paused += seconds

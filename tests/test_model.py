@@ -332,6 +332,11 @@ def test_attention_recorder(tiny_dir):
     # recorder detached afterwards: the same call now records nothing and gives the same output
     assert all(a.recorder is None for n, a in sd.unet.named_modules() if n.endswith("attn2"))
     assert torch.equal(sd.unet(x, t, ctx), before)
+    # under bf16 autocast (training's, CPU's here) the maps stay fp32: eq. 8's min-max scaling magnifies rounding
+    rec = model.AttentionRecorder(ids, [v, sd.tokenizer.eos_id], resolutions=(8,))
+    with sd.unet.record_attention(rec), torch.autocast("cpu", dtype=torch.bfloat16):
+        sd.unet(x, t, ctx)
+    assert {m.dtype for m in rec.maps} == {torch.float32}
 
 def test_count_flops_counts_cpu_attention(tiny_dir):
     """count_flops on a UNet forward+backward with the CPU's fused attention kernel gives the count of the same
