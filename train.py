@@ -455,8 +455,9 @@ if attn_resolutions and not set(attn_resolutions) & set(attn_sides):
 sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
 if compile:  # in place, so parameter names and checkpoints are unchanged; LoRA added later recompiles once.
     sd.unet.compile(dynamic=False)  # static shapes: one graph per batch size a run uses (at most 4), none symbolic
-autocast = torch.autocast(device_type="cuda", dtype=ptdtype, enabled=(device.startswith("cuda") and dtype != "fp32"))
-scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "fp16"))  # fp16 needs loss scaling; bf16 does not
+# the frozen weights are in dtype, the trained ones fp32: autocast runs each op in dtype (on any device)
+autocast = torch.autocast(device_type=torch.device(device).type, dtype=ptdtype, enabled=dtype != "fp32")
+scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "fp16"))  # fp16 needs loss scaling
 T = sd.schedule.config.num_train_timesteps
 scale_factor = sd.vae.config.scaling_factor
 
