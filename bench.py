@@ -59,6 +59,9 @@ transformers.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()  # and the loading bars
 transformers.utils.logging.disable_progress_bar()
 tdtype = DTYPES[dtype]
+cuda = torch.device(device).type == "cuda"  # "cuda" or "cuda:N"
+if cuda and torch.device(device).index is not None:
+    torch.cuda.set_device(device)  # cuda:N: where the synchronisation and the memory statistics below look
 GUIDANCE = 7.5  # the SD default
 
 # (UNet config, VAE config, text encoder sizes); the vocabulary is our tiny tokenizer's in both
@@ -103,7 +106,7 @@ prompts = ["a photo of a person"] * batch
 LIBC = ctypes.CDLL("libc.so.6") if os.path.exists("/proc/self/clear_refs") else None
 
 def sync():
-    if device == "cuda":
+    if cuda:
         torch.cuda.synchronize()
 
 def proc_kb(field):
@@ -113,7 +116,7 @@ def proc_kb(field):
 def peak_memory(fn):
     """Run fn once: (its output, peak bytes above what was in use before, or None where we cannot tell)."""
     gc.collect()
-    if device == "cuda":
+    if cuda:
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -295,7 +298,7 @@ BENCHES = {
 # -----------------------------------------------------------------------------
 
 assert sorted(n for n, _ in ours.unet.named_parameters()) == sorted(n for n, _ in pipe.unet.named_parameters())
-dev_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+dev_name = torch.cuda.get_device_name(device) if cuda else f"cpu, {torch.get_num_threads()} threads"
 print(f"{size} {resolution}px batch {batch} {dtype} on {dev_name}; torch {torch.__version__}, "
       f"diffusers {diffusers.__version__}; median of {repeats}")
 mb = lambda m: "n/a" if m is None else f"{m / 2**20:.0f}"

@@ -112,7 +112,9 @@ def session(path):
     global _said_cpu
     if path not in _sessions:
         cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        # on torch's current GPU (each torchrun process its own), not onnxruntime's default, GPU 0
+        gpu = ("CUDAExecutionProvider", {"device_id": torch.cuda.current_device()}) if cuda else None
+        providers = [gpu, "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         sess = ort.InferenceSession(path, providers=providers)
         # onnxruntime-gpu falls back to the CPU without an error when its CUDA/cuDNN do not match torch's
         if torch.cuda.is_available() and "CUDAExecutionProvider" not in sess.get_providers() and not _said_cpu:

@@ -214,14 +214,15 @@ ptdtype = DTYPES[dtype]
 # summed across them before the optimiser step, and only the first (rank 0) reads nothing twice and writes files
 world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 master = rank == 0
+if world > 1 and device.startswith("cuda"):
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
+if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+    torch.cuda.set_device(device)  # cuda:N the current GPU: where onnxruntime's face models go too (faces.session)
 if world > 1:
     import torch.distributed as dist
     if any(n % world for n in accum.values()):
         raise SystemExit(f"the micro-steps of a step ({accum[1]} in phase 1, {accum[2]} in phase 2: grad_accum, and "
                          f"phase1_batch_size) must be a multiple of the {world} processes: each takes an equal share")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-        torch.cuda.set_device(device)
     # the others wait at the next collective while the first process validates and checkpoints: an hour, not
     # NCCL's default 10 minutes, before a wait counts as a hang
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=1))
@@ -529,7 +530,7 @@ except ValueError as e:
 # the photos as the VAE sees them: posterior mean and std (cached), masks at latent size
 @torch.no_grad()
 def encode(images):
-    mean, logvar = sd.vae.encode(images.to(device, ptdtype))
+    mean, logvar = sd.vae.encode(to_device(images, device).to(ptdtype))  # (per draw with hflip / color_jitter)
     return mean.float(), (0.5 * logvar.float()).exp()
 
 def to_latent(m):
