@@ -456,6 +456,11 @@ if attn_resolutions and not set(attn_resolutions) & set(attn_sides):
 sd.unet.gradient_checkpointing = sd.vae.gradient_checkpointing = gradient_checkpointing
 if compile:  # in place, so parameter names and checkpoints are unchanged; LoRA added later recompiles once.
     sd.unet.compile(dynamic=False)  # static shapes: one graph per batch size a run uses (at most 4), none symbolic
+
+def eager():
+    """Where compile is on, run what is inside without compiling (sampling, FLOP counts)."""
+    return torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext()
+
 # the frozen weights are in dtype, the trained ones fp32: autocast runs each op in dtype (on any device)
 autocast = torch.autocast(device_type=torch.device(device).type, dtype=ptdtype, enabled=dtype != "fp32")
 scaler = torch.amp.GradScaler(torch.device(device).type, enabled=(dtype == "fp16"))  # fp16 needs loss scaling
@@ -582,7 +587,8 @@ def class_images():
     mine = [i for i in range(rank, prior_images, world) if not os.path.exists(paths[i])]
     from tqdm import tqdm
     for i in tqdm(mine, desc=f"class images for '{prior_prompt}'", unit="image", disable=not (master and mine)):
-        image = sd.sample([prior_prompt], steps=50, guidance=7.5, seed=i, height=resolution, width=resolution)
+        with eager():  # drawn once: compiling a graph for them would cost more than it saves
+            image = sd.sample([prior_prompt], steps=50, guidance=7.5, seed=i, height=resolution, width=resolution)
         data.save_png(image[0].cpu(), paths[i])
     if world > 1:
         dist.barrier()
@@ -990,10 +996,6 @@ def micro_step_flops(phase, boost, drawn, trainable):
     for p in trainable:
         p.grad = None
     return counter.get_total_flops()
-
-def eager():
-    """Where compile is on, run what is inside without compiling."""
-    return torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext()
 
 def accumulate(phase, boost, trainable):
     """A step's micro-steps (this process's share), each drawn, run and backpropagated; their gradients summed in
