@@ -413,6 +413,9 @@ outside = []
 for p in photos:
     around = p.face.box if source_face_crop and p in sources else None  # None: the whole photo, centred
     data.crop(p, data.square_around(p.photo.size, around, face_margin), resolution)
+    if p.square[2] < resolution / 1.5:  # enlarged more than 1.5x: the model learns the blur as the look of the photo
+        print(f"warning: {p.path}: a {p.square[2]} px square is enlarged to {resolution} px; a sharper or larger "
+              f"photo (its short side at least {resolution} px) teaches a sharper result")
     if p.face is not None:
         p.face = face_in_crop(p.face, p.square)
         if p.face.landmarks.min() < 0 or p.face.landmarks.max() > resolution:  # eyes, nose or mouth cut away

@@ -426,16 +426,19 @@ def test_faces_crop_and_automatic_masks(cache, tmp_path, face_models):
     assert (out / "masks" / "source_01.png").exists()
 
 def test_small_and_cut_off_faces_are_reported(cache, tmp_path, face_models):
-    """A face only a few pixels across, touching the photo's border, is reported per file (a warning, not a stop)."""
+    """A face only a few pixels across, touching the photo's border, and a crop enlarged much are reported per file
+    (warnings, not stops)."""
     import standins
     edge = dict(box=(0, 300, 60, 360), score=0.9,  # 24 px across in the 256 px photos, at the left border
                 landmarks=[(15, 320), (45, 320), (30, 330), (18, 345), (42, 345)])
     det = standins.detector(str(tmp_path / "edge.onnx"), [edge])
     r = train(cache, tmp_path / "e", "--source_face_crop=True", "--phase1_steps=1", "--phase2_steps=0",
-              f"--detector_model={det}", f"--parser_model={face_models['par']}")
+              f"--detector_model={det}", f"--parser_model={face_models['par']}", "--resolution=128")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "00.png: the face is only 24 px across" in r.stdout
     assert "00.png: the face is cut off at the photo's border" in r.stdout
+    # its 72 px square around the face (3 faces across) is enlarged to 128 px; the references' 256 px ones are not
+    assert "src/00.png: a 72 px square is enlarged to 128 px" in r.stdout and "ref/00.png: a" not in r.stdout
 
 def test_face_outside_the_crop_stops(cache, tmp_path, face_models):
     """A face above the centred square of tall photos stops the run, naming the photos and the fix, instead of
