@@ -122,7 +122,10 @@ def save_enhanced(image, stem):
     Image.fromarray(np.concatenate([before, better], axis=1)).save(stem + "_compare.png")
 
 # -----------------------------------------------------------------------------
-sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=DTYPES[dtype], variant=variant)
+try:
+    sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=DTYPES[dtype], variant=variant)
+except (FileNotFoundError, RuntimeError, ValueError) as e:  # not found, not fetched, not a pipeline model.py reads
+    raise SystemExit(str(e))
 tokens, attn_res = [], None
 if lora:
     try:

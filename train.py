@@ -446,7 +446,10 @@ print(f"{len(sources)} source and {len(references)} reference photos; masks draw
 
 # -----------------------------------------------------------------------------
 # model, and the placeholder tokens: new rows of the embedding table, trained as one small fp32 parameter
-sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
+try:
+    sd = StableDiffusion.from_pretrained(init_from, device=device, dtype=ptdtype, variant=variant)
+except (FileNotFoundError, RuntimeError, ValueError) as e:  # not found, not fetched, not a pipeline model.py reads
+    raise SystemExit(str(e))
 if sd.is_xl and dtype == "fp16" and sd.vae.config.force_upcast:
     raise SystemExit("SDXL's VAE overflows in fp16 (its config says force_upcast): train with dtype=bf16 or fp32")
 if phase2_steps and lora_targets and not lora.targets(sd.unet, lora_targets):  # checked now, not after phase 1

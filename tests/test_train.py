@@ -636,6 +636,7 @@ def test_bad_settings(cache, tmp_path):
                       ("--tokens=('<v1>', '<v1>')", "tokens must be two different strings"),
                       ("--save_pipeline=True", "save_pipeline writes the model trained in full"),
                       (("--subject=object", "--hflip=True"), "Set hflip=False and color_jitter=0"),
+                      ("--init_from=./no/such/model", "init_from='./no/such/model' is neither a folder nor a Hub repo"),
                       (("--init_from=tiny-xl", "--dtype=fp16"), "SDXL's VAE overflows in fp16 (its config says "
                                                                  "force_upcast): train with dtype=bf16 or fp32"),
                       ("--composed_templates=('a photo of {} person',)", "composed_templates must be one or more "
