@@ -10,7 +10,7 @@ Each run's config.json says what it learned (base model, tokens, composed templa
 resolution). The prompts are its first composed prompt, alone and then "with more description" (the
 paper's phrase), once per entry of the setting descriptions (", wearing sunglasses", ...); image i uses prompt i mod (number of prompts) and seed + i. The images are kept in <run>/eval/
 (p<prompt>_seed<seed>.png) beside draw.json, the settings that drew them: a second call with the same
-settings only scores, other settings redraw.
+settings only scores, other settings redraw, and a draw that was stopped goes on where it stopped.
 
 Writes per run <run>/eval/eval.json (each image's scores; mean and std of each metric; how many images
 had no face) and sheet.png (one row per prompt), and for all runs a markdown table, printed and saved
@@ -340,9 +340,15 @@ def base_model(run, cfg):
     return init_from or cfg["init_from"], cfg.get("variant")
 
 
-def draw_images(cfg, run, prompts, prompt_index, seeds):
-    """The run's images, (H, W, 3) uint8 each: its base model with its tokens and LoRA (merged), one
-    generator per image so that image i is the same whatever the batch size."""
+def draw_images(cfg, run, prompts, prompt_index, seeds, folder, files):
+    """The run's images, (H, W, 3) uint8 each, each saved as drawn to folder/files[i]: its base model with its
+    tokens and LoRA (merged), one generator per image so that image i is the same whatever the batch size; the
+    images already in the folder (a draw that was stopped) are kept, not drawn again."""
+    todo = [i for i, f in enumerate(files) if not os.path.isfile(os.path.join(folder, f))]
+    if len(todo) < len(files):
+        print(f"{run}: {len(files) - len(todo)} of the {len(files)} images were drawn before a stop; drawing the rest")
+    if not todo:
+        return read_images(folder, files)
     base, variant = base_model(run, cfg)
     sd = model.StableDiffusion.from_pretrained(base, device=device, dtype=model.DTYPES[dtype], variant=variant)
     lora.load_result(sd, run, scale=lora_scale)
@@ -352,16 +358,16 @@ def draw_images(cfg, run, prompts, prompt_index, seeds):
     except ValueError as e:
         raise SystemExit(f"{run}: {e}")
     R = cfg["resolution"]
-    images = []
     name = os.path.basename(os.path.normpath(run))
-    for b in tqdm(range(0, len(seeds), batch_size), desc=f"drawing {name}", unit="batch"):
-        chunk = range(b, min(b + batch_size, len(seeds)))
+    for b in tqdm(range(0, len(todo), batch_size), desc=f"drawing {name}", unit="batch"):
+        chunk = todo[b:b + batch_size]
         latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, R // 8, R // 8,
                                          generator=torch.Generator().manual_seed(seeds[i])) for i in chunk])
         out = sd.sample([prompts[prompt_index[i]] for i in chunk], steps=steps, guidance=guidance,
                         seed=[seeds[i] for i in chunk], latents=latents, height=R, width=R, sampler=sampler)
-        images += [data.to_uint8(im) for im in out]
-    return images
+        for i, im in zip(chunk, out):
+            data.save_png(im.cpu(), os.path.join(folder, files[i]))  # whole, then renamed
+    return read_images(folder, files)
 
 
 def score_images(images, target, references, clip, predictor, models):
@@ -394,16 +400,18 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
         print(f"{run}: the images in {folder} were drawn with these settings; scoring them again")
         images = {"plain": read_images(folder, files["plain"])}
     else:
-        for stale in ("eval.json", "sheet_enhanced.png"):  # of the images about to go
-            if os.path.exists(os.path.join(folder, stale)):
-                os.remove(os.path.join(folder, stale))
-        for old in glob.glob(os.path.join(folder, "p*_seed*.png")):  # another setting's images: none may stay
-            os.remove(old)
-        remember(folder, "enhanced", None)
-        images = {"plain": draw_images(cfg, run, prompts, prompt_index, seeds)}
-        for f, im in zip(files["plain"], images["plain"]):
-            Image.fromarray(im).save(os.path.join(folder, f))
+        if read_draw_file(folder).get("drawing") != as_json(draw):  # not a stopped draw of these settings
+            for stale in ("eval.json", "sheet_enhanced.png"):  # of the images about to go
+                if os.path.exists(os.path.join(folder, stale)):
+                    os.remove(os.path.join(folder, stale))
+            for old in glob.glob(os.path.join(folder, "p*_seed*.png")):  # another setting's images: none may stay
+                os.remove(old)
+            remember(folder, "enhanced", None)
+            remember(folder, "plain", None)
+            remember(folder, "drawing", draw)  # what the images saved from here on are drawn with
+        images = {"plain": draw_images(cfg, run, prompts, prompt_index, seeds, folder, files["plain"])}
         remember(folder, "plain", draw)
+        remember(folder, "drawing", None)
     if postprocess:
         from postprocess import enhance
         files["enhanced"] = [f.replace(".png", "_enhanced.png") for f in files["plain"]]

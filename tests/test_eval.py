@@ -238,6 +238,32 @@ def test_eval_end_to_end(env, tmp_path):
     assert os.stat(runs[0] / "eval" / "p0_seed0.png").st_mtime_ns != first[runs[0]]["p0_seed0.png"]
 
 
+def test_a_stopped_draw_goes_on(env, tmp_path, monkeypatch):
+    """A draw stopped after its first image keeps it: the next call draws only the second, and both equal the
+    images of a draw that was never stopped."""
+    a, b = make_run(env, "run_stopped", 0), make_run(env, "run_whole", 0)  # the same tokens and LoRA
+    real, calls = StableDiffusion.sample, []
+
+    def stop_at_second(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)
+    monkeypatch.setattr(StableDiffusion, "sample", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(env, f"--runs={a}", "--batch_size=1", f"--table_file={tmp_path / 'a.md'}")
+    assert sorted(f for f in os.listdir(a / "eval") if f.endswith(".png")) == ["p0_seed0.png"]
+    monkeypatch.setattr(StableDiffusion, "sample", real)
+    kept = os.stat(a / "eval" / "p0_seed0.png").st_mtime_ns
+    r = run_eval(env, f"--runs={a}", "--batch_size=1", f"--table_file={tmp_path / 'a.md'}")
+    assert r.returncode == 0 and "1 of the 2 images were drawn before a stop" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert os.stat(a / "eval" / "p0_seed0.png").st_mtime_ns == kept
+    r = run_eval(env, f"--runs={b}", "--batch_size=1", f"--table_file={tmp_path / 'b.md'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in ("p0_seed0.png", "p1_seed1.png"):
+        assert np.array_equal(np.asarray(Image.open(a / "eval" / f)), np.asarray(Image.open(b / "eval" / f))), f
+
+
 def test_bad_runs_are_named(env, tmp_path):
     """A folder without config.json, or with it but without the run's weights, stops before any model loads."""
     (tmp_path / "empty").mkdir()
@@ -328,8 +354,13 @@ def test_a_retrained_pipeline_is_drawn_anew(tmp_path, monkeypatch):
     save_file({"w": torch.zeros(2)}, str(weights))
     save_file({"<v1>": torch.zeros(4)}, str(run / lora.EMBEDS_FILE))
     drawn = []
-    monkeypatch.setattr(ev, "draw_images", lambda cfg, run, prompts, index, seeds: drawn.append(1) or
-                        [np.zeros((8, 8, 3), np.uint8) for _ in seeds])
+
+    def draw(cfg, run, prompts, index, seeds, folder, files):  # blank images, saved as draw_images saves them
+        drawn.append(1)
+        for f in files:
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(folder, f))
+        return [np.zeros((8, 8, 3), np.uint8) for _ in files]
+    monkeypatch.setattr(ev, "draw_images", draw)
     monkeypatch.setattr(ev, "postprocess", False)
     (run / "eval").mkdir()
     args = (str(run), ev.read_run(str(run)), str(run / "eval"), ["p"], [0, 0], [0, 1], {})
