@@ -442,7 +442,8 @@ for kind, group in (("source", sources), ("reference", references)) if master el
         data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
 data.check_masks(photos if subject == "face" else [p for p in sources if p.mask_photo is not None],
                  min_mask_fraction, objects=subject == "object")
-print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
+if master:  # (the others drew none)
+    print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
 
 # -----------------------------------------------------------------------------
 # model, and the placeholder tokens: new rows of the embedding table, trained as one small fp32 parameter
@@ -1094,8 +1095,10 @@ if master:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config, run_id=run_id), f, indent=2)
 
+trained2 = " + ".join(name for name, on in (("LoRA", lora_targets or lora_text_encoder), ("weights in full", full_targets),
+                                             ("embeddings", True)) if on)
 print(f"phase 1: {phase1_steps} steps (embeddings) of {accum[1]} x {micro_batch[1]} draws, phase 2: {phase2_steps} "
-      f"steps (LoRA + embeddings) of {accum[2]} x {micro_batch[2]} draws (micro-steps x draws of a source and a "
+      f"steps ({trained2}) of {accum[2]} x {micro_batch[2]} draws (micro-steps x draws of a source and a "
       f"reference photo in one pass); compute {dtype} on {device}")
 
 from tqdm import tqdm

@@ -742,8 +742,8 @@ def test_sample_with_lora_and_attention_maps(cache, trained, tmp_path):
 @pytest.mark.parametrize("config", ["config/portrait.py", "config/portrait_official.py", "config/portrait_sdxl.py"])
 def test_real_configs_parse(tmp_path, config):
     """The SD1.5 and SDXL configs type-check against train.py's settings and stop at the data, naming the folder."""
-    r = subprocess.run([sys.executable, "train.py", config, f"--source_dir={tmp_path / 'none'}"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "train.py", config, f"--source_dir={tmp_path / 'none'}",
+                        f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True)  # not the user's
     assert r.returncode != 0 and "none is not a folder" in r.stderr, r.stderr[-2000:]
 
 def test_same_seed_same_weights_whatever_ran_before(cache, tmp_path):
