@@ -267,6 +267,32 @@ def read_run_id():
     path = os.path.join(out_dir, "config.json")
     return json.load(open(path)).get("run_id") if os.path.exists(path) else None
 
+def lock_out_dir():
+    """One train.py at a time in out_dir: a second one there (a forgotten terminal, a study started twice) would
+    interleave its checkpoints and log lines with the first's, or --overwrite them. An flock on out_dir/.lock,
+    held by the first process of a run until it ends, however it ends; none where the system has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    if resume and not os.path.isdir(out_dir):  # nothing there to resume (said below), nor to lock
+        return None
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        f = open(os.path.join(out_dir, ".lock"), "a")  # (not "w": it would touch an unchanged folder)
+    except OSError as e:
+        raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}. Pick a folder you can write to "
+                         "(--out_dir=...) with room for the checkpoints.")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"{out_dir} is in use: another train.py is running there (it holds {out_dir}/.lock). Let it "
+                         "end or stop it, or pick another --out_dir.") from None
+    except OSError:  # a file system without locks: go on without one
+        pass
+    return f
+
+out_lock = lock_out_dir() if master else None  # kept open for the whole run (a torchrun's processes share the folder)
 ckpt = None
 if resume:
     found = checkpoints()

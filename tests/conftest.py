@@ -25,12 +25,29 @@ def run_script(script, *args, cache):
         mp.chdir(ROOT)
         mp.setattr(sys, "argv", [script, *args])
         try:
-            runpy.run_path(script, run_name="__main__")
+            release_out_dir(runpy.run_path(script, run_name="__main__"))
         except SystemExit as e:
+            release_out_dir(error=e)
             if isinstance(e.code, str):
                 print(e.code, file=sys.stderr)
             code = 1 if isinstance(e.code, str) else e.code or 0
+        except BaseException as e:
+            release_out_dir(error=e)
+            raise
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+def release_out_dir(namespace=None, error=None):
+    """train.py locks its out_dir (an flock on out_dir/.lock, its global out_lock) until its process ends. Run in
+    this process, it ends when its globals are freed, which a traceback or a returned namespace delays: let go
+    now, as the end of its own process would, so the next run there (in this process or another) may start."""
+    spaces = [namespace or {}]
+    tb = error.__traceback__ if error is not None else None
+    while tb is not None:  # the script's frames hold its globals
+        spaces.append(tb.tb_frame.f_globals)
+        tb = tb.tb_next
+    for space in spaces:
+        if space.get("out_lock") is not None:
+            space["out_lock"].close()
 
 def rel_err(a, b):
     """max |a - b| / max |b|: the parity measure the tests report."""

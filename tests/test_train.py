@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import lora
 import model
-from conftest import run_script
+from conftest import release_out_dir, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--resolution=64", "--attn_resolutions=(4,)", "--eval_steps=2", "--eval_interval=1000", "--log_interval=1"]
@@ -48,7 +48,12 @@ def run_in_process(cache, monkeypatch, out, *args, config=None):
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache / "xdg"))
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["train.py", *tiny_args(cache, out, *args, config=config)])
-    copy = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    try:
+        copy = runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    except BaseException as e:
+        release_out_dir(error=e)
+        raise
+    release_out_dir(copy["micro_step"].__globals__)
     return copy["micro_step"].__globals__  # the script's own namespace: changes to it reach its functions
 
 def log(out):
@@ -349,6 +354,19 @@ def test_unwritable_out_dir(cache, tmp_path):
     (tmp_path / "file").write_text("not a folder")
     r = stops(cache, tmp_path / "file" / "out")
     assert r.returncode != 0 and "cannot write to out_dir" in r.stderr, r.stderr[-2000:]
+
+def test_a_busy_out_dir_is_refused(cache, tmp_path):
+    """While a train.py holds out_dir (its flock on out_dir/.lock, here this test's), a second one there stops,
+    --overwrite too, before touching anything."""
+    import fcntl
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "log.jsonl").write_text("")
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = stops(cache, out, "--overwrite")
+    assert r.returncode != 0 and f"{out} is in use: another train.py is running there" in r.stderr, r.stderr[-2000:]
+    assert (out / "log.jsonl").exists()
 
 def test_tiny_config_keeps_a_users_photos(cache, tmp_path):
     """config/tiny.py pointed at a folder of the user's photos stops instead of drawing over them."""
