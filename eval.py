@@ -8,7 +8,8 @@ after post-processing), on a fixed set of images drawn from each run.
 
 Each run's config.json says what it learned (base model, tokens, composed templates, photo folders,
 resolution). The prompts are its first composed prompt, alone and then "with more description" (the
-paper's phrase), once per entry of the setting descriptions (", wearing sunglasses", ...); image i uses prompt i mod (number of prompts) and seed + i. The images are kept in <run>/eval/
+paper's phrase), once per entry of the setting descriptions (", wearing sunglasses", ...); image i uses
+prompt i mod (number of prompts) and seed + i. The images are kept in <run>/eval/
 (p<prompt>_seed<seed>.png) beside draw.json, the settings that drew them: a second call with the same
 settings only scores, other settings redraw, and a draw that was stopped goes on where it stopped.
 

@@ -188,7 +188,8 @@ def enhance(image, upscale_factor=2, restore=True, weight=0.5, tile=256, overlap
         image = upscale(image, upscale_factor, tile, overlap, upscaler)
         print(f"upscaled {w}x{h} -> {image.shape[1]}x{image.shape[0]} (Real-ESRGAN)")
     elif upscaled:
-        canvas = cv2.resize(image, (round(w * upscale_factor), round(h * upscale_factor)), interpolation=cv2.INTER_LINEAR)
+        size = (round(w * upscale_factor), round(h * upscale_factor))
+        canvas = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
         print(f"upscaled {w}x{h} -> {canvas.shape[1]}x{canvas.shape[0]} (bilinear)")
     if not restore:
         return image if canvas is None else canvas

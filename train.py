@@ -1121,8 +1121,8 @@ if master:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dict(config, run_id=run_id), f, indent=2)
 
-trained2 = " + ".join(name for name, on in (("LoRA", lora_targets or lora_text_encoder), ("weights in full", full_targets),
-                                             ("embeddings", True)) if on)
+trained2 = " + ".join(name for name, on in (("LoRA", lora_targets or lora_text_encoder),
+                                             ("weights in full", full_targets), ("embeddings", True)) if on)
 print(f"phase 1: {phase1_steps} steps (embeddings) of {accum[1]} x {micro_batch[1]} draws, phase 2: {phase2_steps} "
       f"steps ({trained2}) of {accum[2]} x {micro_batch[2]} draws (micro-steps x draws of a source and a "
       f"reference photo in one pass); compute {dtype} on {device}")
