@@ -8,6 +8,7 @@ M_s; the reference's M_r is its inverse). make_synthetic() draws the small data
 set config/tiny.py trains on, only into a folder of its own.
 """
 
+import io
 import os
 from dataclasses import dataclass
 
@@ -92,6 +93,23 @@ def open_image(path):
                          "downscale it (e.g. to 4000 px on the long side)")
     return im
 
+def to_srgb(im, path):
+    """An RGB(A) image whose embedded colour profile is not sRGB (a phone's Display P3, Adobe RGB) converted to
+    sRGB, the colours a viewer shows and the space Stable Diffusion's images are in; read as they are, its
+    numbers would give duller colours. Other images unchanged; a profile that cannot be read, with a warning."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA"):
+        return im
+    from PIL import ImageCms
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb"):
+            return im
+        return ImageCms.profileToProfile(im, profile, ImageCms.createProfile("sRGB"), outputMode=im.mode)
+    except (ImageCms.PyCMSError, OSError) as e:
+        print(f"warning: {path}: its colour profile cannot be read ({e}); its colours are taken as sRGB")
+        return im
+
 def read_rgb(path):
     """Open a photo upright (EXIF orientation applied) as 8-bit RGB, whatever Pillow's mode:
     - I;16, I;16B, ... (16-bit grey): 0..65535 scaled to 0..255 (Pillow's own convert clips at 255: all white);
@@ -99,10 +117,12 @@ def read_rgb(path):
       at most 16 bits); values outside 0..65535 (a 32-bit TIFF under a photo's name) are clipped;
     - F (32-bit float, TIFF): 0..1 when no value exceeds 1, else 0..255 like Pillow's own L <-> F;
     - RGBA, LA, PA, and P, L or RGB with a transparent colour: composited over white;
-    - 16-bit RGB(A) PNGs: Pillow already keeps the high byte; L, 1, P, CMYK, YCbCr: Pillow's convert."""
+    - 16-bit RGB(A) PNGs: Pillow already keeps the high byte; L, 1, P, CMYK, YCbCr: Pillow's convert;
+    - an RGB(A) photo with a colour profile other than sRGB: converted to sRGB (to_srgb)."""
     with open_image(path) as im:
         im.load()
         im = ImageOps.exif_transpose(im)
+    im = to_srgb(im, path)
     if im.mode.startswith("I") or im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode != "F" else 1.0 if a.max() <= 1 else 255.0

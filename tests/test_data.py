@@ -48,6 +48,42 @@ def test_reads_jpg_png_webp_any_case_and_skips_junk(tmp_path, capsys):
     assert items[0].image.shape == (3, 64, 64) and items[0].mask is None
     assert -1 <= items[0].image.min() and items[0].image.max() <= 1
 
+def wide_gamut_icc():
+    """An ICC v2 display profile (matrix and gamma 2.2 curves) with Display P3's primaries adapted to D50: a
+    wider gamut than sRGB, as phone photos carry. Written by hand: Pillow can only make sRGB profiles."""
+    fixed = lambda *v: b"".join(struct.pack(">i", round(x * 65536)) for x in v)  # s15Fixed16Number
+    xyz = lambda *v: b"XYZ " + bytes(4) + fixed(*v)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, round(2.2 * 256)) + bytes(2)
+    name = b"wide test RGB\0"
+    tags = [(b"desc", b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(78)),
+            (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.5151, 0.2412, -0.0011)),
+            (b"gXYZ", xyz(0.2920, 0.6922, 0.0419)), (b"bXYZ", xyz(0.1571, 0.0666, 0.7841)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    table, body, start = b"", b"", 128 + 4 + 12 * len(tags)
+    for sig, data in tags:
+        body += bytes(-(start + len(body)) % 4)  # each tag on a 4-byte boundary
+        table += sig + struct.pack(">II", start + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", start + len(body)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(28) + fixed(0.9642, 1.0, 0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+def test_colour_profiles_are_converted_to_srgb(tmp_path, capsys):
+    """A photo tagged with a wide-gamut profile is read in sRGB: a grey stays grey, a red gets more saturated
+    (its numbers meant a redder red); an sRGB-tagged photo, and a profile that cannot be read (with a warning),
+    read as untagged."""
+    from PIL import ImageCms
+    colours = np.array([[[128, 128, 128], [200, 30, 30]]], np.uint8)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for name, icc in (("wide", wide_gamut_icc()), ("srgb", srgb), ("broken", b"not a profile"), ("none", None)):
+        Image.fromarray(colours).save(tmp_path / f"{name}.png", icc_profile=icc)
+    grey, red = np.asarray(data.read_rgb(str(tmp_path / "wide.png"))).astype(int)[0]
+    assert grey.max() - grey.min() <= 1 and abs(grey[0] - 128) <= 2, grey
+    assert red[0] > 200 and red[1] < 30 and red[2] < 30, red
+    for name in ("srgb", "broken", "none"):
+        assert np.array_equal(np.asarray(data.read_rgb(str(tmp_path / f"{name}.png"))), colours), name
+    assert "broken.png: its colour profile cannot be read" in capsys.readouterr().out
+
 def test_corrupt_files_are_all_named(tmp_path):
     """Every unreadable file is listed in one message, before anything else happens."""
     photo(tmp_path / "good.png")
