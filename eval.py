@@ -510,12 +510,13 @@ if __name__ == "__main__":
         except (FileNotFoundError, RuntimeError) as e:
             raise SystemExit(f"{run}: {e}")
     chosen = dict(detector=detector_model, recognizer=recognizer_model, parser=parser_model)
-    if postprocess:
-        from postprocess import UPSAMPLERS
-        check_choice("upsampler", upsampler, UPSAMPLERS)
-        chosen.update(restorer=restorer_model, **({"upscaler": upscaler_model} if upsampler == "real_esrgan" else {}))
+    enhancers = {}
+    if postprocess:  # the files postprocess.enhance will run with these settings (its upscaler, restorer)
+        from postprocess import find_models
+        enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
+                                detector_model or None, upsampler=upsampler)
     try:  # every file found (or fetched) before the first image is drawn
-        models = {kind: faces.model_path(kind, path or None) for kind, path in chosen.items()}
+        models = enhancers | {kind: faces.model_path(kind, path or None) for kind, path in chosen.items()}
         predictor = load_aesthetic(aesthetic_weights(aesthetic_model, aesthetic_repo, aesthetic_file), device)
         clip = model.CLIPVisionModel.from_pretrained(clip_model, device=device, dtype=model.DTYPES[dtype])
     except (faces.MissingModel, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -166,6 +166,7 @@ def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, de
                 upsampler="real_esrgan"):
     """{kind: local .onnx path} of the models enhance() will run with these settings, each found in the cache
     (or downloaded) now: a missing one stops the command before any work, naming the file and how to fetch it."""
+    check_choice("upsampler", upsampler, UPSAMPLERS)
     wanted = dict(upscaler=(upscale_factor != 1 and upsampler == "real_esrgan", upscaler), restorer=(restore, restorer),
                   detector=(restore, detector), parser=(restore and (parse or parser is not None), parser))
     try:
@@ -209,7 +210,6 @@ if __name__ == "__main__":
     if not paths:
         raise SystemExit("no image given: python postprocess.py in.png [more.png ...] [--key=value ...] "
                          "(--help lists the settings)")
-    check_choice("upsampler", upsampler, UPSAMPLERS)
     if not (scale > 0 and 0 <= weight <= 1 and tile > 0 and overlap >= 0):
         raise SystemExit(f"scale must be > 0, weight in [0, 1] (CodeFormer's fidelity), tile > 0 and overlap >= 0; "
                          f"got scale={scale}, weight={weight}, tile={tile}, overlap={overlap}")

@@ -80,8 +80,7 @@ if earlier and not overwrite:  # their images would be mixed with these, and sam
                      "--out_dir, or replace them with --overwrite")
 enhancers = {}
 if postprocess:  # found now, not after the first images are drawn
-    from postprocess import UPSAMPLERS, find_models
-    check_choice("upsampler", upsampler, UPSAMPLERS)
+    from postprocess import find_models
     enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
                             detector_model or None, restore_parse, parser_model or None, upsampler)
 run_folder = (lora if os.path.isdir(lora) else os.path.dirname(lora)) if lora else None

@@ -267,6 +267,10 @@ def read_run_id():
     path = os.path.join(out_dir, "config.json")
     return json.load(open(path)).get("run_id") if os.path.exists(path) else None
 
+def unwritable(error):
+    return SystemExit(f"cannot write to out_dir {out_dir}: {error.strerror}. Pick a folder you can write to "
+                      "(--out_dir=...) with room for the checkpoints.")
+
 def lock_out_dir():
     """One train.py at a time in out_dir: a second one there (a forgotten terminal, a study started twice) would
     interleave its checkpoints and log lines with the first's, or --overwrite them. An flock on out_dir/.lock,
@@ -281,8 +285,7 @@ def lock_out_dir():
         os.makedirs(out_dir, exist_ok=True)
         f = open(os.path.join(out_dir, ".lock"), "a")  # (not "w": it would touch an unchanged folder)
     except OSError as e:
-        raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}. Pick a folder you can write to "
-                         "(--out_dir=...) with room for the checkpoints.")
+        raise unwritable(e)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -353,8 +356,7 @@ try:
         f.write("ok")
     os.remove(probe)
 except OSError as e:
-    raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}. Pick a folder you can write to "
-                     "(--out_dir=...) with room for the checkpoints.")
+    raise unwritable(e)
 
 # -----------------------------------------------------------------------------
 # data: read, check, crop, masks; all before any model loads
