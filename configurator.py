@@ -5,8 +5,8 @@ as module globals, then calls configure(globals()), which applies, in order,
     python train.py config/portrait.py --lr=1e-4 --seed=3 --attention
 
 a config file (plain Python assigning some of those globals) and --key=value
-overrides (parsed as Python literals, else taken as a string; --key alone sets a
-boolean to True). Unknown keys and values of the wrong type are errors, so a typo
+overrides (parsed as Python literals, else taken as a string, whose leading ~/ is the
+home folder: the shell leaves it after '='; --key alone sets a boolean to True). Unknown keys and values of the wrong type are errors, so a typo
 never silently trains with a default; None is a value only of settings whose default
 is None, or that the script names in `nullable`. Names in upper case (CROP) are constants, not
 settings. --help lists every setting with the value it has at that point of the
@@ -18,6 +18,7 @@ check_device before any model loads.
 
 import ast
 import difflib
+import os
 import sys
 import types
 
@@ -76,7 +77,8 @@ def configure(scope, argv=None, nullable=()):
                 try:
                     value = ast.literal_eval(text)
                 except (ValueError, SyntaxError):
-                    value = text  # a plain string such as --init_from=runwayml/x
+                    # a plain string such as --init_from=runwayml/x; the shell leaves ~ in --key=~/x to us
+                    value = os.path.expanduser(text) if text.startswith("~/") else text
                 if isinstance(defaults.get(key), str) and not isinstance(value, str) and value is not None:
                     value = text  # --prompt=1 stays the string "1"
             scope[key] = check(key, value, defaults, arg, nullable)

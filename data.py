@@ -8,6 +8,7 @@ M_s; the reference's M_r is its inverse). make_synthetic() draws the small data
 set config/tiny.py trains on, only into a folder of its own.
 """
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp")  # .jfif: JPEG, as some browsers save it
 MASK_SUFFIX = "_mask.png"
 # Pillow's own default Image.MAX_IMAGE_PIXELS, ~89.5 MP (about 9500x9500): more than any phone takes and far
 # more than a 512 px crop can use, while each photo is held whole in memory for the run
@@ -34,6 +35,22 @@ class Photo:
     square: tuple | None = None             # (left, top, side) of the crop in photo
     face: object = None                     # a faces.Face, set by train.py (data.py needs no face models)
 
+def heic_hint(name):
+    """What to do with a HEIC photo (iPhones' default format), which Pillow cannot read."""
+    stem, ext = os.path.splitext(name)
+    heic = ext.lower() in (".heic", ".heif")
+    return ("HEIC is not read" + ("" if heic else f" (a HEIC file under a {ext} name)") + "; save it as JPEG (on a "
+            f"Mac: sips -s format jpeg {name} --out {stem}{'' if heic else '_converted'}.jpg)")
+
+def is_heic(path):
+    """A HEIC/HEIF file by its header (an ISO box 'ftyp' with a HEIF brand), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
+
 def mask_path(path):
     """Where the mask of a photo lives: <name>_mask.png next to <name>.jpg."""
     return os.path.splitext(path)[0] + MASK_SUFFIX
@@ -48,20 +65,21 @@ def list_images(folder):
     for n in names:
         path = os.path.join(folder, n)
         stem, ext = os.path.splitext(n)
+        if n.startswith("."):  # hidden: .DS_Store, macOS's ._<name> copies of attributes, SYNTHETIC_MARKER
+            continue
         if n.lower().endswith(MASK_SUFFIX):
             masks.add(path)
-        elif os.path.isdir(path) or n == SYNTHETIC_MARKER:
-            continue
+        elif os.path.isdir(path):
+            print(f"warning: skipping the subfolder {path}: the photos are read from {folder} itself")
         elif stem.lower().endswith("_mask") and ext.lower() in EXTENSIONS:  # else it would train as a photo
             bad.append(f"  {path}: a mask is read only as {stem}.png (lossless: JPEG and WebP blur its edges); "
                        f"save it as {os.path.join(folder, stem)}.png")
-        elif ext.lower() in EXTENSIONS and not n.startswith("."):
+        elif ext.lower() in EXTENSIONS:
             paths.append(path)
-        elif ext.lower() in (".heic", ".heif"):  # iPhones' default; Pillow cannot read it
-            print(f"warning: skipping {path}: HEIC is not read; save it as JPEG (on a Mac: sips -s format jpeg "
-                  f"{n} --out {stem}.jpg)")
+        elif ext.lower() in (".heic", ".heif"):
+            print(f"warning: skipping {path}: {heic_hint(n)}")
         else:
-            print(f"warning: skipping {path} (not a .jpg/.jpeg/.png/.webp photo)")
+            print(f"warning: skipping {path} (not a {'/'.join(EXTENSIONS)} photo)")
     stems = {}
     for p in paths:
         stems.setdefault(mask_path(p), []).append(os.path.basename(p))
@@ -75,6 +93,15 @@ def list_images(folder):
         print(f"warning: ignoring {m}: it belongs to no photo (the mask of <name>.jpg, .png, ... "
               f"must be named exactly <name>{MASK_SUFFIX}, next to it)")
     return [(p, mask_path(p) if mask_path(p) in masks else None) for p in paths]
+
+def digest(path):
+    """SHA-256 of a photo's file and of its mask's, if it has one: what the photo is, whatever its file's date."""
+    h = hashlib.sha256()
+    for p in (path, mask_path(path)):
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
 
 def open_image(path):
     """Image.open, refusing a file over MAX_PIXELS by the size in its header, before it is decoded, with a message
@@ -152,7 +179,7 @@ def load_folder(folder, min_images=2):
         try:
             im = read_rgb(path)
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            bad.append(f"  {path}: {e}")
+            bad.append(f"  {path}: " + (heic_hint(os.path.basename(path)) if is_heic(path) else str(e)))
             continue
         if min(im.size) < 64:
             bad.append(f"  {path}: only {im.size[0]}x{im.size[1]} pixels (64 on the short side at least)")

@@ -156,8 +156,8 @@ def dino_style_loss(cls, cls_ref):
     """Eq. 11's L_style (DiffuseIT's [CLS] loss): mean squared difference between the [CLS] tokens of x0_hat and
     of the reference photo, || e_cls(x0_hat) - e_cls(I_r) ||^2 / D.
 
-    cls, cls_ref: (B, D) last-layer [CLS] tokens; cls_ref is a fixed target (detached; DiffuseIT computes it under
-    no_grad). DiffuseIT takes the [CLS] token of the last block's output, before DINO's final LayerNorm; model.py's
-    ViT returns it after that norm. Returns (B,).
+    cls, cls_ref: (B, D) [CLS] tokens of the last block's output, before DINO's final LayerNorm, as DiffuseIT takes
+    them (model.py's ViT.last_block); cls_ref is a fixed target (detached; DiffuseIT computes it under no_grad).
+    Returns (B,).
     """
     return ((cls.float() - cls_ref.detach().float()) ** 2).mean(dim=-1)

@@ -672,13 +672,20 @@ class ViT(nn.Module):
         self.encoder = nn.ModuleDict(dict(layer=nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))))
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, pixel_values, keys=False):
-        """(B, 3, H, W) pixels from dino_preprocess -> (B, 1 + N, D): [CLS], then the N patches row by row. Sizes
-        other than config.image_size resample the position embeddings. keys=True returns (hidden, keys) with the
-        last layer's keys (B, heads, 1 + N, head_dim): its key projection of its layernorm_before output."""
+    def last_block(self, pixel_values):
+        """(B, 3, H, W) pixels from dino_preprocess -> (the last block's output (B, 1 + N, D), before the final
+        layernorm: [CLS], then the N patches row by row; its keys (B, heads, 1 + N, head_dim): its key projection
+        of its layernorm_before output). What DiffuseIT's hooks on the blocks read, for eq. 11. Sizes other than
+        config.image_size resample the position embeddings."""
         x = self.embeddings(pixel_values.to(self.layernorm.weight.dtype))
         for layer in self.encoder.layer:
             x, k = layer(x)
+        return x, k
+
+    def forward(self, pixel_values, keys=False):
+        """last_block's output through the final layernorm (transformers' last_hidden_state); keys=True returns
+        (hidden, keys)."""
+        x, k = self.last_block(pixel_values)
         x = self.layernorm(x)
         return (x, k) if keys else x
 

@@ -232,7 +232,8 @@ total_steps = phase1_steps + phase2_steps
 
 # -----------------------------------------------------------------------------
 # out_dir: continue its run (--resume), clear it (--overwrite), or start in a folder without a run.
-# Checked before anything is read or written, so a wrong command loses nothing.
+# Checked before anything is read or written; an old run is cleared only once the photos passed their checks, so a
+# wrong command loses nothing.
 ckpt_dir = os.path.join(out_dir, "checkpoints")
 log_path = os.path.join(out_dir, "log.jsonl")
 RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE,
@@ -266,6 +267,20 @@ def append_log(row):
 def read_run_id():
     path = os.path.join(out_dir, "config.json")
     return json.load(open(path)).get("run_id") if os.path.exists(path) else None
+
+def clear_out_dir(names):
+    """A new run's start: the files and folders `names` of an earlier run in out_dir go (--overwrite, or a run that
+    never logged a step: it stopped at the data checks, leaving masks/ and config.json)."""
+    try:
+        for name in names:
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    except OSError as e:
+        raise SystemExit(f"cannot clear {path} in out_dir {out_dir}: {e.strerror}. Pick a folder you can write "
+                         "to (--out_dir=...), or fix its permissions.")
 
 def unwritable(error):
     return SystemExit(f"cannot write to out_dir {out_dir}: {error.strerror}. Pick a folder you can write to "
@@ -337,17 +352,6 @@ else:
         if held and not overwrite:
             raise SystemExit(f"{out_dir} holds a run ({', '.join(held)}). Continue it with --resume, delete it and "
                              "start over with --overwrite, or pick another --out_dir.")
-        # a run that never logged a step (it stopped at the data checks) leaves only masks/ and config.json
-        try:
-            for name in RUN_FILES + RUN_DIRS:
-                path = os.path.join(out_dir, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-        except OSError as e:
-            raise SystemExit(f"cannot clear {path} in out_dir {out_dir}: {e.strerror}. Pick a folder you can write "
-                             "to (--out_dir=...), or fix its permissions.")
     run_id = uuid.uuid4().hex[:12]  # ties the checkpoints to this run's config.json
 try:
     os.makedirs(out_dir, exist_ok=True)
@@ -362,9 +366,29 @@ except OSError as e:
 # data: read, check, crop, masks; all before any model loads
 if synthetic_data:
     data.make_synthetic(source_dir, reference_dir, objects=subject == "object")
-sources = data.load_folder(source_dir)
-references = data.load_folder(reference_dir)
+if os.path.realpath(source_dir) == os.path.realpath(reference_dir):
+    raise SystemExit(f"source_dir and reference_dir are both {source_dir}: the person's photos and the style's "
+                     "go in two folders of their own")
+loaded, problems = [], []
+for folder in (source_dir, reference_dir):  # both folders' problems in one message
+    try:
+        loaded.append(data.load_folder(folder))
+    except SystemExit as e:
+        problems.append(str(e))
+if problems:
+    raise SystemExit("\n".join(problems))
+sources, references = loaded
 photos = sources + references
+# the photos by content: a resumed run refuses others (its steps would belong to neither run's photos)
+photo_digests = {f"{kind}/{os.path.basename(p.path)}": data.digest(p.path)
+                 for kind, group in (("source", sources), ("reference", references)) for p in group}
+if ckpt is not None and ckpt.get("photos", photo_digests) != photo_digests:
+    was = ckpt["photos"]
+    diff = [f"  {k}: {'removed' if k not in photo_digests else 'added' if k not in was else 'changed'}"
+            for k in sorted(set(was) | set(photo_digests)) if was.get(k) != photo_digests.get(k)]
+    raise SystemExit(f"--resume: the photos differ from the run's in {out_dir} (a photo or its mask):\n"
+                     + "\n".join(diff) + "\nPut the run's photos back, or start a new run with --overwrite or "
+                     "another --out_dir.")
 unmasked = [p.path for p in photos if p.mask_photo is None]
 if subject == "object":  # no parser for objects: a photo without a mask is all object (the references' always are)
     whole = [p.path for p in sources if p.mask_photo is None]
@@ -463,6 +487,8 @@ if outside:
                      + (", or set --source_face_crop=True to crop the sources around their faces"
                         if not source_face_crop and any(p.path in outside for p in sources) else "")
                      + ".")
+if master and ckpt is None:  # this start's overlays replace an earlier run's; its other files go once all passed
+    clear_out_dir(["masks"])
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
 for kind, group in (("source", sources), ("reference", references)) if master else ():
     for p in group:
@@ -470,6 +496,8 @@ for kind, group in (("source", sources), ("reference", references)) if master el
         data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
 data.check_masks(photos if subject == "face" else [p for p in sources if p.mask_photo is not None],
                  min_mask_fraction, objects=subject == "object")
+if master and ckpt is None:
+    clear_out_dir([name for name in RUN_FILES + RUN_DIRS if name != "masks"])
 if master:  # (the others drew none)
     print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
 
@@ -595,8 +623,10 @@ if subject == "object":  # eq. 11: a frozen DINO ViT, and what x0_hat is compare
     dino = ViT.from_pretrained(dino_model, device=device, dtype=ptdtype)
 
     def dino_features(images):
-        """(B, 3, R, R) images in [-1, 1] -> DINO's last hidden state (B, 1 + N, D) and last-layer keys."""
-        return dino(dino_preprocess((images.float() / 2 + 0.5).clamp(0, 1), dino_size), keys=True)
+        """(B, 3, R, R) images in [-1, 1] -> DINO's last block output (B, 1 + N, D), before the final layernorm,
+        and its keys, as DiffuseIT reads both. x0_hat is not clamped to the image range (DiffuseIT's neither):
+        its pixels past it keep their gradient."""
+        return dino.last_block(dino_preprocess(images.float() / 2 + 0.5, dino_size))
 
     with torch.no_grad(), autocast:
         src_keys = dino_features(torch.stack([p.image for p in sources]).to(device))[1].float()  # structure
@@ -669,7 +699,7 @@ class Task:
     latent: torch.Tensor  # (4, h, w) clean latent z_0
     prompt: str
     loss_mask: torch.Tensor  # (1, h, w): where the noise prediction is compared
-    attn_masks: tuple     # the region <v1> and <v2> may attend to (eq. 8); None for a token not in the prompt
+    attn_masks: tuple     # the region <v1> and <v2> may attend to (eq. 8); None: no term (not in the prompt, or free)
     weight: float         # style_boost on r and c in the first half of a phase (official code)
     source: int | None    # the source photo whose identity eq. 7 asks for (c; s too with id_on_source); None: none
     reference: int | None  # the reference photo (r and c): eq. 11's texture target for objects
@@ -705,7 +735,8 @@ def draw_tasks(phase, boost):
     if phase == 2 and composed and subject == "face":  # the reference photo is the pseudo-label for all but the
         tasks.append(Task("c", zr, prompt(composed_templates, *tokens), rest_r, (face_r, rest_r), boost, s, r))  # face
     if phase == 2 and composed and subject == "object":  # no pseudo-label: the source's structure, eq. 11
-        tasks.append(Task("c", zs, prompt(composed_templates, *tokens), whole, (face_s, whole), boost, s, r))
+        # <v2> may attend anywhere: no eq. 8 term, which as an all-ones mask would be a 0 halving <v1>'s mean
+        tasks.append(Task("c", zs, prompt(composed_templates, *tokens), whole, (face_s, None), boost, s, r))
     if phase == 2 and prior_prompt:  # prior preservation: a class image under the class prompt, whole
         k = pick(len(prior_mean))
         zp = (prior_mean[k] + prior_std[k] * rand(*prior_mean[k].shape)) * scale_factor
@@ -943,7 +974,8 @@ def save_checkpoint(step, phase, gen_state=None):
     os.makedirs(ckpt_dir, exist_ok=True)
     state = dict(step=step, phase=phase, run_id=run_id, embeds=embeds.detach().cpu(), trained=trained_tensors(),
                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), scaler=scaler.state_dict(),
-                 gen=gen.get_state() if gen_state is None else gen_state, config=config, passes=dict(micro_batch))
+                 gen=gen.get_state() if gen_state is None else gen_state, config=config, passes=dict(micro_batch),
+                 photos=photo_digests)
     path = checkpoint_path(step)
     tmp = f"{path}.tmp{rank}"
     try:

@@ -18,6 +18,12 @@ def test_overrides_and_types(tmp_path):
                        resolutions=(16, 32))
     assert s["steps"] == 30 and isinstance(s["guidance"], float)
 
+def test_a_leading_tilde_is_the_home_folder(monkeypatch):
+    """--key=~/x (which the shell leaves as it is after '=') is the home folder's x; a ~ elsewhere stays."""
+    monkeypatch.setenv("HOME", "/home/me")
+    out = configure(scope(), ["--init_from=~/models/sd", "--prompt=~ a photo"])
+    assert out["init_from"] == "/home/me/models/sd" and out["prompt"] == "~ a photo"
+
 @pytest.mark.parametrize("argv,message", [
     (["--stpes=3"], "unknown setting 'stpes'; did you mean 'steps'"),
     (["--steps=3.5"], "'steps' must be int"),

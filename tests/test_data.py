@@ -30,19 +30,24 @@ def png(path, size, bit_depth, color_type, rows=()):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
 
 def test_reads_jpg_png_webp_any_case_and_skips_junk(tmp_path, capsys):
-    """jpg/png/webp in any case are read; .DS_Store, text and HEIC files are skipped with a warning naming them
-    (HEIC's with the conversion)."""
+    """jpg/jfif/png/webp in any case are read; text and HEIC files and subfolders are skipped with a warning naming
+    them (HEIC's with the conversion); hidden files (.DS_Store, macOS's ._<name> stubs, even of a mask) silently."""
     photo(tmp_path / "a.JPG")
     photo(tmp_path / "b.png")
     photo(tmp_path / "c.WebP")
+    photo(tmp_path / "d.jfif", format="JPEG")
     (tmp_path / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "._a.JPG").write_bytes(b"\0\5Mac OS X")  # AppleDouble stubs: not images
+    (tmp_path / "._b_mask.jpg").write_bytes(b"\0\5Mac OS X")
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "IMG_0001.HEIC").write_bytes(b"\0\1")
+    (tmp_path / "more").mkdir()
     items = load(str(tmp_path))
     assert all(isinstance(i, data.Photo) for i in items)
-    assert [os.path.basename(i.path) for i in items] == ["a.JPG", "b.png", "c.WebP"]
+    assert [os.path.basename(i.path) for i in items] == ["a.JPG", "b.png", "c.WebP", "d.jfif"]
     out = capsys.readouterr().out
-    assert ".DS_Store" in out and "notes.txt" in out
+    assert "notes.txt" in out and "skipping the subfolder " + str(tmp_path / "more") in out
+    assert "DS_Store" not in out and "._" not in out
     assert "IMG_0001.HEIC: HEIC is not read; save it as JPEG (on a Mac: sips -s format jpeg IMG_0001.HEIC --out " \
            "IMG_0001.jpg)" in out
     assert items[0].image.shape == (3, 64, 64) and items[0].mask is None
@@ -90,9 +95,24 @@ def test_corrupt_files_are_all_named(tmp_path):
     photo(tmp_path / "good2.png")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "iphone.jpg").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic")  # a HEIC under a .jpg name
     with pytest.raises(SystemExit) as e:
         load(str(tmp_path))
     assert "broken.jpg" in str(e.value) and "empty.png" in str(e.value)
+    assert "iphone.jpg: HEIC is not read (a HEIC file under a .jpg name); save it as JPEG" in str(e.value)
+
+def test_digest_follows_the_photo_and_its_mask(tmp_path):
+    """data.digest, which --resume compares: the same for the same bytes, whatever the file's date; another for a
+    changed photo, and for a changed or added mask."""
+    photo(tmp_path / "a.png")
+    first = data.digest(str(tmp_path / "a.png"))
+    os.utime(tmp_path / "a.png", (0, 0))
+    assert data.digest(str(tmp_path / "a.png")) == first
+    photo(tmp_path / "a_mask.png", mode="L", color=255)
+    masked = data.digest(str(tmp_path / "a.png"))
+    photo(tmp_path / "a_mask.png", mode="L", color=0)
+    photo(tmp_path / "b.png", color=(200, 100, 51))
+    assert len({first, masked, data.digest(str(tmp_path / "a.png")), data.digest(str(tmp_path / "b.png"))}) == 4
 
 def test_too_few_photos(tmp_path):
     """One usable photo is not enough: the message says how many were found and needed."""

@@ -43,18 +43,19 @@ def reference(cfg, seed=0):
         ref.embeddings.position_embeddings.normal_()
     return ref
 
-def ref_outputs(ref, px):
+def ref_outputs(ref, px, last_block=False):
     """transformers' last_hidden_state and the last layer's keys (B, heads, T, head_dim), the latter from a forward
-    hook on its key projection; positions are resampled when px is not the configured size."""
+    hook on its key projection; positions are resampled when px is not the configured size. last_block: the last
+    layer's output before the final layernorm (hidden_states[-1]) instead of last_hidden_state."""
     got = []
     hook = ref.layers[-1].attention.k_proj.register_forward_hook(lambda mod, inp, out: got.append(out))
     S = ref.config.image_size
     with torch.no_grad():
-        hidden = ref(pixel_values=px, interpolate_pos_encoding=tuple(px.shape[-2:]) != (S, S)).last_hidden_state
+        out = ref(pixel_values=px, interpolate_pos_encoding=tuple(px.shape[-2:]) != (S, S), output_hidden_states=True)
     hook.remove()
     B, T, D = got[0].shape
     heads = ref.config.num_attention_heads
-    return hidden, got[0].view(B, T, heads, D // heads).transpose(1, 2)
+    return out.hidden_states[-1] if last_block else out.last_hidden_state, got[0].view(B, T, heads, D // heads).transpose(1, 2)
 
 def assert_same_weights(ours, ref):
     """Every parameter of ref sits, under its file name, in ours with equal values, and ours has nothing else."""
@@ -83,8 +84,8 @@ def test_file_names_are_what_transformers_writes(saved):
 
 @pytest.mark.parametrize("hw", [(32, 32), (48, 40), (24, 24)])
 def test_matches_transformers(saved, hw):
-    """A folder saved by transformers loads strictly (pooler dropped, weights equal) and gives its last_hidden_state
-    and last-layer keys, at the configured size and at others with interpolate_pos_encoding=True."""
+    """A folder saved by transformers loads strictly (pooler dropped, weights equal) and gives its last_hidden_state,
+    its last layer's output before the final layernorm and last-layer keys, at the configured size and at others with interpolate_pos_encoding=True."""
     ref, path = saved
     ours = model.ViT.from_pretrained(str(path))
     assert_same_weights(ours, ref)
@@ -96,6 +97,10 @@ def test_matches_transformers(saved, hw):
     err_h, err_k = rel_err(hidden, ref_hidden), rel_err(keys, ref_keys)
     assert err_h < TOL and err_k < TOL, f"{hw}: last_hidden_state rel err {err_h:.2e}, keys rel err {err_k:.2e}"
     assert torch.equal(ours(px), hidden), "keys=True changed the hidden state"
+    block, block_keys = ours.last_block(px)  # eq. 11's [CLS], before the final layernorm (DiffuseIT's)
+    ref_block = ref_outputs(ref, px, last_block=True)[0]
+    assert not torch.allclose(ref_block, ref_hidden), "the final layernorm changed nothing: the check below is moot"
+    assert rel_err(block, ref_block) < TOL and torch.equal(block_keys, keys)
 
 class NotATensor:
     """An object a weights_only unpickler must refuse to build."""
@@ -154,11 +159,11 @@ def test_save_pretrained_round_trip(tmp_path):
     assert torch.equal(again(px), ours(px))
 
 def test_keys_carry_gradient_to_the_image():
-    """Images in [0, 1] -> dino_preprocess -> ViT keys and [CLS] backpropagate to the pixels; the ViT stays frozen."""
+    """Images in [0, 1] -> dino_preprocess -> the last block's keys and [CLS] (eq. 11's) backpropagate to the pixels; the ViT stays frozen."""
     vit = model.ViT.tiny()
     images = torch.rand(2, 3, 64, 48, requires_grad=True)
     for which in ("keys", "cls"):
-        hidden, keys = vit(model.dino_preprocess(images, size=32), keys=True)
+        hidden, keys = vit.last_block(model.dino_preprocess(images, size=32))
         out = keys if which == "keys" else hidden[:, 0]
         images.grad = None
         # a random direction: the squared norm of a layer-normed [CLS] is constant, so it would have no gradient

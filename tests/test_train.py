@@ -252,6 +252,48 @@ def test_a_finished_run_is_kept_unless_overwrite(cache, run, tmp_path):
     assert [row["step"] for row in log(out)] == [1]
     assert not (out / "pytorch_lora_weights.safetensors").exists()  # phase 2 never ran in the new run
 
+def test_overwrite_keeps_the_old_run_until_the_photos_pass(cache, run, tmp_path):
+    """--overwrite deletes nothing while the new run's photos fail their checks (a mistyped folder, an empty mask,
+    source and reference the same folder); both folders' unusable files are named in one message."""
+    from PIL import Image
+    out = tmp_path / "kept"
+    shutil.copytree(run[0], out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if "masks" not in p.parts}
+    src = tmp_path / "src"
+    shutil.copytree(cache / "src", src)
+    Image.new("L", Image.open(src / "01_mask.png").size, 0).save(src / "01_mask.png")
+    bad_ref = tmp_path / "ref"
+    shutil.copytree(cache / "ref", bad_ref)
+    (bad_ref / "broken.jpg").write_bytes(b"not a jpeg")
+    bad_src = tmp_path / "bad_src"
+    shutil.copytree(cache / "src", bad_src)
+    (bad_src / "broken2.jpg").write_bytes(b"not a jpeg")
+    for args, said in (([f"--source_dir={tmp_path / 'scr'}"], ["scr is not a folder"]),
+                       ([f"--reference_dir={cache / 'src'}"], ["source_dir and reference_dir are both"]),
+                       ([f"--source_dir={bad_src}", f"--reference_dir={bad_ref}"], ["broken2.jpg", "ref/broken.jpg"]),
+                       ([f"--source_dir={src}"], ["01_mask.png"])):
+        r = stops(cache, out, *SHARED, "--overwrite", *args)
+        assert r.returncode != 0 and all(s in r.stderr for s in said), r.stderr[-2000:]
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if "masks" not in p.parts} == before, args
+
+def test_resume_refuses_other_photos(cache, run, tmp_path):
+    """A checkpoint records its photos by content (data.digest): resuming on others (a photo or mask changed,
+    added or removed under the same folder names) is refused, naming each."""
+    out = tmp_path / "photos"
+    shutil.copytree(run[0], out)
+    last = sorted((out / "checkpoints").glob("step*.pt"))[-1]
+    ckpt = torch.load(last, weights_only=True)
+    assert sorted(ckpt["photos"]) == [f"{k}/{n}" for k, d in (("reference", "ref"), ("source", "src"))
+                                      for n in sorted(os.listdir(cache / d)) if not n.endswith("_mask.png")
+                                      and not n.startswith(".")]
+    first = sorted(ckpt["photos"])[0]
+    ckpt["photos"][first] = "0" * 64
+    ckpt["photos"]["source/gone.png"] = "1" * 64
+    torch.save(ckpt, last)
+    r = stops(cache, out, *SHARED, "--resume")
+    assert r.returncode != 0 and "the photos differ" in r.stderr, r.stderr[-2000:]
+    assert f"  {first}: changed" in r.stderr and "  source/gone.png: removed" in r.stderr, r.stderr[-2000:]
+
 def test_resume_refuses_another_runs_checkpoint(cache, run, tmp_path):
     """A checkpoint whose run id differs from the config.json it would continue is refused, naming both."""
     out = tmp_path / "mixed"
