@@ -306,6 +306,19 @@ def save_png(image, path):
     Image.fromarray(to_uint8(image)).save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
 
+def write_whole(path, text):
+    """Replace path's content: written beside it, then renamed over it, so a full disk or a kill leaves the old
+    file or the new one, never a part (a log or config.json cut short would lose rows or the run's id)."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"could not write {path} (disk full?): {e.strerror}. It is as it was: free some space "
+                         "and run again.")
+
 def grid(images, cols=4):
     """(N, 3, H, W) -> (3, rows*H, cols*W), filled row by row, white where empty."""
     n, c, h, w = images.shape

@@ -265,8 +265,15 @@ def append_log(row):
                             if kept else "No checkpoint was written yet."))
 
 def read_run_id():
+    """config.json's run id: None without the file, "unreadable" where a write cut it short (before they were written whole)."""
     path = os.path.join(out_dir, "config.json")
-    return json.load(open(path)).get("run_id") if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError):
+        return "unreadable"
 
 def clear_out_dir(names):
     """A new run's start: the files and folders `names` of an earlier run in out_dir go (--overwrite, or a run that
@@ -326,7 +333,9 @@ if resume:
             print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the one before")
     if ckpt is None:
         raise SystemExit(f"--resume: none of the checkpoints in {ckpt_dir} can be read; start over with --overwrite")
-    if ckpt.get("run_id") != read_run_id():
+    if read_run_id() == "unreadable":  # the checkpoint holds the run's id and settings: config.json is written anew
+        print(f"warning: {out_dir}/config.json cannot be read; it is written again from {path}")
+    elif ckpt.get("run_id") != read_run_id():
         raise SystemExit(f"--resume: {path} belongs to another run than {out_dir}/config.json (run ids "
                          f"{ckpt.get('run_id')} and {read_run_id()}); a folder must hold one run. Move the "
                          "checkpoint back where it came from, or start over with --overwrite.")
@@ -444,10 +453,8 @@ def detect_photo_faces(photos):
                   "closer photos teach the identity better")
         if x1 < 1 or y1 < 1 or x2 > w - 1 or y2 > h - 1:
             print(f"warning: {p.path}: the face is cut off at the photo's border")
-    if master:  # written whole, then renamed: a crash leaves the old cache or the new one
-        with open(cache_path + ".tmp", "w") as f:
-            json.dump(cache, f)
-        os.replace(cache_path + ".tmp", cache_path)
+    if master:
+        data.write_whole(cache_path, json.dumps(cache))
     if none:
         raise SystemExit("no face found in:\n  " + "\n  ".join(none) + "\nA usable photo shows one person's face "
                          "from the front or three-quarter view, unobstructed, at least ~100 pixels across.")
@@ -642,10 +649,15 @@ def class_images():
     made_with = dict(prompt=prior_prompt, init_from=init_from, resolution=resolution)
     record = os.path.join(folder, "class_images.json")
     paths = [os.path.join(folder, f"{i:04d}.png") for i in range(prior_images)]
-    if master and (not os.path.exists(record) or json.load(open(record)) != made_with):  # others': draw anew
+    try:
+        with open(record) as f:
+            drawn_with = json.load(f)
+    except (OSError, ValueError):  # none yet, or cut short by a full disk or a kill: drawn anew
+        drawn_with = None
+    if master and drawn_with != made_with:  # other settings' images, or none: draw anew
         for old in glob.glob(os.path.join(folder, "*.png")):
             os.remove(old)
-        json.dump(made_with, open(record, "w"))
+        data.write_whole(record, json.dumps(made_with))
     if world > 1:
         dist.barrier()
     # each process draws its share (image i from seed i, whichever draws it), then all read them all
@@ -1108,15 +1120,18 @@ def fewer_draws_per_pass(phase, step):
           f"{accum[phase]} passes of {micro_batch[phase]} (the same {draws} draws per step; {layout} "
           "starts there)", file=sys.stderr, flush=True)
 
-# Ctrl-C: finish the step under way, write a checkpoint, say how to resume; a second Ctrl-C quits at once
+# Ctrl-C, or SIGTERM (a scheduler's stop: SLURM's scancel, `timeout`, `kill`, torchrun passing its own on): finish
+# the step under way, write a checkpoint, say how to resume; a second one quits at once
 stop_requested = False
 
 def request_stop(signum, frame):
     global stop_requested
-    stop_requested = True
+    stop_requested = signum  # the signal's number: the exit code says which (130: Ctrl-C, 143: SIGTERM)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    print("\nstopping after this step to write a checkpoint (Ctrl-C again quits at once, losing the work "
-          "since the last checkpoint)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    print(f"\n{'Ctrl-C' if signum == signal.SIGINT else signal.Signals(signum).name}: stopping after this step to "
+          "write a checkpoint (Ctrl-C or SIGTERM again quits at once, losing the work since the last checkpoint)",
+          file=sys.stderr, flush=True)
 
 def redo_validation(step):
     """A resumed run's checkpoint step was due a validation that its log row lacks (it failed, or a stop under
@@ -1128,8 +1143,7 @@ def redo_validation(step):
     print(f"drawing the validation of step {step}, which the interrupted run did not")
     with eager():
         rows[-1].update(evaluate(step))
-    with open(log_path, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
+    data.write_whole(log_path, "".join(json.dumps(row) + "\n" for row in rows))
 
 # -----------------------------------------------------------------------------
 # the loop
@@ -1148,12 +1162,10 @@ if ckpt is not None:
                 return False
         with open(log_path) as f:
             kept = [l for l in f if before_checkpoint(l)]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+        data.write_whole(log_path, "".join(kept))
         ran_before = json.loads(kept[-1]).get("seconds", 0.0) if kept else 0.0
 if master:
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dict(config, run_id=run_id), f, indent=2)
+    data.write_whole(os.path.join(out_dir, "config.json"), json.dumps(dict(config, run_id=run_id), indent=2))
 
 trained2 = " + ".join(name for name, on in (("LoRA", lora_targets or lora_text_encoder),
                                              ("weights in full", full_targets), ("embeddings", True)) if on)
@@ -1164,6 +1176,7 @@ print(f"phase 1: {phase1_steps} steps (embeddings) of {accum[1]} x {micro_batch[
 from tqdm import tqdm
 bar = tqdm(total=total_steps, initial=start, unit="step", disable=not master)
 signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
 t0 = time.time()
 t_row, step_row, paused = t0, start, 0.0  # the last log row's time and step; validation and checkpoint seconds since
 micro_flop = {}  # phase -> FLOPs of one micro-step, forward and backward
@@ -1296,9 +1309,10 @@ for phase, first, steps in ((1, 0, phase1_steps), (2, phase1_steps, phase2_steps
                 launch = ["torchrun", "--standalone", f"--nproc_per_node={world}"] if world > 1 else ["python"]
                 print(f"stopped at step {done} of {total_steps}; checkpoint {checkpoints()[-1]}.\n"
                       f"Continue with: {shlex.join(launch + again)}", file=sys.stderr)
-            sys.exit(130)  # the shell's code for a run ended by Ctrl-C
+            sys.exit(128 + (stop_requested or signal.SIGINT))  # the shell's code for a run ended by that signal
 bar.close()
 signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 if world > 1:
     dist.destroy_process_group()

@@ -417,3 +417,18 @@ def test_mask_of_a_turned_photo_warns(tmp_path, capsys):
     load(str(tmp_path))
     out = capsys.readouterr().out
     assert "a.jpg is turned upright by its EXIF orientation tag (3)" in out and "b.png" not in out, out
+
+def test_write_whole_leaves_the_old_file_or_the_new(tmp_path, monkeypatch):
+    """data.write_whole replaces a file's content; where the disk is full, the old content stays, no temporary
+    file is left, and the message names the file."""
+    import errno
+    path = str(tmp_path / "log.jsonl")
+    data.write_whole(path, "old\n")
+    data.write_whole(path, "new\n")
+    assert open(path).read() == "new\n" and os.listdir(tmp_path) == ["log.jsonl"]
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(SystemExit, match="could not write .*log.jsonl .disk full.*No space left"):
+        data.write_whole(path, "newer\n")
+    assert open(path).read() == "new\n" and os.listdir(tmp_path) == ["log.jsonl"]

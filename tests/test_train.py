@@ -316,6 +316,17 @@ def test_resume_refuses_other_settings(cache, run, tmp_path):
     assert "  draws: 1 -> 4" in said and "log_interval" not in r.stderr, r.stderr[-2000:]
     assert f'  source_dir: "{cache / "src"}" -> "{cache / "ref"}"' in said, r.stderr[-2000:]  # other photos
 
+def test_resume_after_config_json_was_cut_short(cache, run, tmp_path):
+    """A config.json left empty (a full disk while a run wrote it) does not strand the run: --resume takes the
+    run's id and settings from the checkpoint, says so, and writes config.json again."""
+    out = tmp_path / "cut"
+    shutil.copytree(run[0], out)
+    run_id = json.load(open(out / "config.json"))["run_id"]
+    (out / "config.json").write_text("")
+    r = stops(cache, out, *SHARED, "--resume")
+    assert r.returncode == 0 and "config.json cannot be read; it is written again" in r.stdout, r.stderr[-2000:]
+    assert json.load(open(out / "config.json"))["run_id"] == run_id
+
 def test_resume_without_checkpoint_creates_nothing(cache, tmp_path):
     """--resume in a folder without checkpoints stops before reading photos, and creates no folder."""
     r = stops(cache, tmp_path / "none", "--resume")
@@ -326,9 +337,10 @@ def test_resume_without_checkpoint_creates_nothing(cache, tmp_path):
     r = stops(cache, tmp_path / "early", "--resume")
     assert r.returncode != 0 and "stopped before its first one" in r.stderr and "--overwrite" in r.stderr
 
-def test_ctrl_c_writes_a_checkpoint(cache, tmp_path):
-    """Ctrl-C finishes the step under way, writes a checkpoint at it, says how to resume and exits with 130."""
-    import signal
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_writes_a_checkpoint(cache, tmp_path, sig, code):
+    """Ctrl-C (SIGINT), or SIGTERM (a scheduler's stop), finishes the step under way, writes a checkpoint at it,
+    says how to resume and exits with the shell's code for the signal (128 + its number)."""
     import time
     out = tmp_path / "int"
     env = dict(os.environ, XDG_CACHE_HOME=str(cache / "xdg"))
@@ -342,10 +354,10 @@ def test_ctrl_c_writes_a_checkpoint(cache, tmp_path):
             if (out / "log.jsonl").exists() and len(log(out)) >= 4:  # in phase 2
                 break
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=120)
+        proc.send_signal(sig)
+        got = proc.wait(timeout=120)
     err = (tmp_path / "stderr").read_text()
-    assert code == 130, err[-3000:]
+    assert got == code, err[-3000:]
     last = log(out)[-1]["step"]
     assert sorted(os.listdir(out / "checkpoints"))[-1] == f"step{last:06d}.pt" and 4 <= last < 5002
     assert f"stopped at step {last}" in err and "--resume" in err
