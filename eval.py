@@ -514,7 +514,7 @@ if __name__ == "__main__":
     if postprocess:  # the files postprocess.enhance will run with these settings (its upscaler, restorer)
         from postprocess import find_models
         enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
-                                detector_model or None, upsampler=upsampler)
+                                detector_model or None, upsampler=upsampler, weight=restore_weight)
     try:  # every file found (or fetched) before the first image is drawn
         models = enhancers | {kind: faces.model_path(kind, path or None) for kind, path in chosen.items()}
         predictor = load_aesthetic(aesthetic_weights(aesthetic_model, aesthetic_repo, aesthetic_file), device)

@@ -439,6 +439,13 @@ def load_result(sd, path, scale=1.0, text_scale=None):
             raise ValueError(f"{embeds_path} holds token vectors {vectors.shape[-1]} wide, and the model's text "
                              f"encoder takes {width}: load the run into the model it was trained on (init_from in "
                              "its config.json)")
+    run_config = os.path.join(folder, "config.json")  # train.py's: did the run train a LoRA?
+    if not os.path.isfile(lora_path) and os.path.isfile(run_config):
+        with open(run_config) as f:
+            settings = json.load(f)
+        if (settings.get("lora_targets") or settings.get("lora_text_encoder")) and settings.get("phase2_steps"):
+            raise FileNotFoundError(f"{lora_path} is missing, and the run's config.json says it trained a LoRA: "
+                                    "copy the run's whole folder")
     if os.path.isfile(lora_path):  # absent when the run trained no LoRA
         load_lora_file(sd.unet, sd.text_encoder, lora_path, scale, text_encoder_2=text_encoder_2)
         if text_scale is not None:

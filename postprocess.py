@@ -163,10 +163,14 @@ def restore_faces(image, weight=0.5, model=None, detector=None, parse=False, par
 UPSAMPLERS = ("real_esrgan", "bilinear")
 
 def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, detector=None, parse=False, parser=None,
-                upsampler="real_esrgan"):
+                upsampler="real_esrgan", weight=0.5):
     """{kind: local .onnx path} of the models enhance() will run with these settings, each found in the cache
-    (or downloaded) now: a missing one stops the command before any work, naming the file and how to fetch it."""
+    (or downloaded) now: a missing one, or a setting out of range, stops the command before any work, naming the
+    file and how to fetch it, or the setting."""
     check_choice("upsampler", upsampler, UPSAMPLERS)
+    if not (upscale_factor > 0 and 0 <= weight <= 1):
+        raise SystemExit(f"the upscale factor must be > 0 and the restoration weight in [0, 1] (CodeFormer's "
+                         f"fidelity); got {upscale_factor} and {weight}")
     wanted = dict(upscaler=(upscale_factor != 1 and upsampler == "real_esrgan", upscaler), restorer=(restore, restorer),
                   detector=(restore, detector), parser=(restore and (parse or parser is not None), parser))
     try:
@@ -210,9 +214,8 @@ if __name__ == "__main__":
     if not paths:
         raise SystemExit("no image given: python postprocess.py in.png [more.png ...] [--key=value ...] "
                          "(--help lists the settings)")
-    if not (scale > 0 and 0 <= weight <= 1 and tile > 0 and overlap >= 0):
-        raise SystemExit(f"scale must be > 0, weight in [0, 1] (CodeFormer's fidelity), tile > 0 and overlap >= 0; "
-                         f"got scale={scale}, weight={weight}, tile={tile}, overlap={overlap}")
+    if not (tile > 0 and overlap >= 0):
+        raise SystemExit(f"tile must be > 0 and overlap >= 0; got tile={tile}, overlap={overlap}")
     names = {}
     for p in paths:
         if not os.path.isfile(p):
@@ -223,7 +226,7 @@ if __name__ == "__main__":
                              "different --out_dir values, or rename one")
         names[name] = p
     models = find_models(scale, not no_restore, upscaler_model or None, restorer_model or None,
-                         detector_model or None, parse, parser_model or None, upsampler)
+                         detector_model or None, parse, parser_model or None, upsampler, weight)
     os.makedirs(out_dir, exist_ok=True)
     for name, p in names.items():
         print(p)

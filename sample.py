@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -82,7 +83,7 @@ enhancers = {}
 if postprocess:  # found now, not after the first images are drawn
     from postprocess import find_models
     enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
-                            detector_model or None, restore_parse, parser_model or None, upsampler)
+                            detector_model or None, restore_parse, parser_model or None, upsampler, restore_weight)
 run_folder = (lora if os.path.isdir(lora) else os.path.dirname(lora)) if lora else None
 run_config = {}
 if run_folder and os.path.isfile(os.path.join(run_folder, "config.json")):
@@ -147,12 +148,13 @@ if attention:
         raise SystemExit(f"--attention: at {W}x{H} no cross-attention map is {attn_res} on a side (the run's "
                          f"attn_resolutions), the maps are {sides}: draw at the run's resolution "
                          f"({run_config.get('resolution')})")
-known = set(tokens) | {d["content"] for d in sd.tokenizer.extra}  # the run's, and those the base model has
-unknown = sorted(set(re.findall(r"<[^<>\s]+>", prompt)) - known)
+# the run's, and those the base model has; in lower case, as the tokenizer reads the prompt (<V1> is <v1>)
+known = {t.lower() for t in tokens} | {d["content"].lower() for d in sd.tokenizer.extra}
+unknown = sorted({t for t in re.findall(r"<[^<>\s]+>", prompt) if t.lower() not in known})
 if unknown:
     print(f"warning: {' '.join(unknown)} in the prompt: not a learned token ({' '.join(tokens) or 'no --lora given'});"
           " CLIP reads it as plain text")
-if tokens and not any(t in prompt for t in tokens):
+if tokens and not any(t.lower() in prompt.lower() for t in tokens):
     print(f"warning: the prompt uses none of the learned tokens ({' '.join(tokens)}): the images show the LoRA's "
           "effect alone")
 try:  # CLIP reads 77 tokens: a placeholder past them would be dropped, and its --attention panel blank
@@ -167,35 +169,41 @@ if sampler == "ddim":
 for path in earlier:  # --overwrite: the earlier call's images go, so none is mixed with these
     os.remove(path)
 os.makedirs(out_dir, exist_ok=True)
-seeds = [seed + i for i in range(num_samples)]
-images = []
-for b in range(0, num_samples, batch_size):
-    chunk = seeds[b:b + batch_size]
-    # one generator per image: image i is the same whatever the batch size
-    latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, H // 8, W // 8,
-                                     generator=torch.Generator().manual_seed(s)) for s in chunk])
-    print(f"images {b + 1}-{b + len(chunk)} of {num_samples}")
-    prompts, negatives = [prompt] * len(chunk), [negative_prompt] * len(chunk)
-    rec = None
-    if attention:  # the UNet sees [negatives; prompts]: record for that batch, keep the prompts' half
-        ids = sd.tokenizer(negatives + prompts).to(sd.device)
-        rec = AttentionRecorder(ids, [sd.tokenizer.tok.token_to_id(t) for t in tokens], attn_res)
-    with sd.unet.record_attention(rec):
-        out = sd.sample(prompts, negative_prompt=negatives, steps=steps, guidance=guidance, eta=eta,
-                        seed=chunk, latents=latents, height=H, width=W, progress=True, sampler=sampler).cpu()
-    for s, im in zip(chunk, out):
-        save_png(im, os.path.join(out_dir, f"seed{s}.png"))
-        if postprocess:
-            save_enhanced(im, os.path.join(out_dir, f"seed{s}"))
-    images.append(out)
-    if rec is not None:
-        heat = heatmaps(rec, len(chunk), (H, W)).cpu()
-        for s, im, hm in zip(chunk, out, heat):
-            row = torch.cat([im] + [overlay(im, h) for h in hm], dim=2)  # image | <v1> | <v2>
-            save_png(row, os.path.join(out_dir, f"seed{s}_attention.png"))
-save_png(grid(torch.cat(images)), os.path.join(out_dir, "grid.png"))
-with open(os.path.join(out_dir, "sample.json"), "w") as f:
+with open(os.path.join(out_dir, "sample.json"), "w") as f:  # first: the images a Ctrl-C leaves keep their settings
     json.dump(dict(config, height=H, width=W), f, indent=2)
+seeds = [seed + i for i in range(num_samples)]
+images, saved = [], 0
+try:
+    for b in range(0, num_samples, batch_size):
+        chunk = seeds[b:b + batch_size]
+        # one generator per image: image i is the same whatever the batch size
+        latents = torch.cat([torch.randn(1, sd.vae.config.latent_channels, H // 8, W // 8,
+                                         generator=torch.Generator().manual_seed(s)) for s in chunk])
+        print(f"images {b + 1}-{b + len(chunk)} of {num_samples}")
+        prompts, negatives = [prompt] * len(chunk), [negative_prompt] * len(chunk)
+        rec = None
+        if attention:  # the UNet sees [negatives; prompts]: record for that batch, keep the prompts' half
+            ids = sd.tokenizer(negatives + prompts).to(sd.device)
+            rec = AttentionRecorder(ids, [sd.tokenizer.tok.token_to_id(t) for t in tokens], attn_res)
+        with sd.unet.record_attention(rec):
+            out = sd.sample(prompts, negative_prompt=negatives, steps=steps, guidance=guidance, eta=eta,
+                            seed=chunk, latents=latents, height=H, width=W, progress=True, sampler=sampler).cpu()
+        for s, im in zip(chunk, out):
+            save_png(im, os.path.join(out_dir, f"seed{s}.png"))
+            saved += 1
+            if postprocess:
+                save_enhanced(im, os.path.join(out_dir, f"seed{s}"))
+        images.append(out)
+        if rec is not None:
+            heat = heatmaps(rec, len(chunk), (H, W)).cpu()
+            for s, im, hm in zip(chunk, out, heat):
+                row = torch.cat([im] + [overlay(im, h) for h in hm], dim=2)  # image | <v1> | <v2>
+                save_png(row, os.path.join(out_dir, f"seed{s}_attention.png"))
+except KeyboardInterrupt:
+    print(f"\nstopped: {saved} of {num_samples} images drawn in {out_dir}, their settings in "
+          "sample.json (no grid.png)", file=sys.stderr)
+    sys.exit(130)
+save_png(grid(torch.cat(images)), os.path.join(out_dir, "grid.png"))
 extra = f", seed<N>_attention.png (image | {' | '.join(tokens)})" if attention else ""
 extra += ", seed<N>_enhanced.png and seed<N>_compare.png (before | after)" if postprocess else ""
 print(f"wrote {num_samples} images, grid.png{extra} to {os.path.abspath(out_dir)}")

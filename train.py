@@ -160,7 +160,8 @@ check_choice("id_target", id_target, ("mean", "own"))
 check_choice("latent_mask", latent_mask, ("bilinear", "nearest"))
 check_choice("subject", subject, ("face", "object"))
 if subject == "object" and (lambda_id > 0 or source_face_crop):
-    raise SystemExit("subject=object has no faces: set lambda_id=0 and source_face_crop=False (config/object.py does)")
+    raise SystemExit("subject=object has no faces: set lambda_id=0 and source_face_crop=False (config/object.py does; "
+                     "config/tiny_object.py goes after config/tiny.py or config/object.py)")
 if subject == "object" and (hflip or color_jitter > 0):  # eq. 11's structure target is the photo as it is
     raise SystemExit("subject=object compares each composed sample with its source photo's DINO keys, computed once "
                      "from the photo as it is: a flipped or jittered sample would be pulled toward the unflipped "

@@ -109,6 +109,36 @@ def test_sample_lora_errors(runs, tmp_path, target, message):
     assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert f"--lora={runs['lora'] / target}" in r.stderr
 
+def test_sample_lora_file_lost_and_upper_case_tokens(runs, tmp_path):
+    """A run whose config.json says it trained a LoRA but whose LoRA file is gone (a partial copy) stops instead of
+    drawing without it; <V1> is <v1> to the tokenizer (it lower-cases), so it draws without warnings."""
+    import shutil
+    partial = tmp_path / "partial"
+    shutil.copytree(runs["lora"], partial)
+    (partial / lora.LORA_FILE).unlink()
+    (partial / "config.json").write_text(json.dumps(dict(lora_targets=list(lora.PAPER_UNET), phase2_steps=10)))
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'a'}", f"--lora={partial}", *SMALL)
+    assert r.returncode != 0 and "is missing, and the run's config.json says it trained a LoRA" in r.stderr, r.stderr
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'b'}", f"--lora={runs['lora']}", *SMALL,
+            "--prompt=a photo of <V1> person in the <v2> style")
+    assert r.returncode == 0 and "warning" not in r.stdout, r.stdout[-2000:]
+
+def test_sample_ctrl_c_keeps_what_was_drawn(runs, tmp_path, monkeypatch):
+    """Ctrl-C during the second batch: the first batch's images stay, with sample.json (their settings) written
+    before drawing, and the exit code is 130."""
+    real, calls = StableDiffusion.sample, []
+    def sample(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(StableDiffusion, "sample", sample)
+    out = tmp_path / "stopped"
+    r = run(runs["cache"], f"--out_dir={out}", "--num_samples=3", "--batch_size=2", "--height=64", "--width=64")
+    assert r.returncode == 130 and "stopped: 2 of 3 images drawn" in r.stderr, r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["sample.json", "seed0.png", "seed1.png"]
+    assert json.load(open(out / "sample.json"))["num_samples"] == 3
+
 def test_sample_placeholder_past_77_tokens(runs, tmp_path):
     """A prompt whose placeholder falls past CLIP's 77 tokens stops with the tokenizer's message before
     sampling (its embedding would never be read)."""
@@ -128,6 +158,8 @@ def test_sample_placeholder_past_77_tokens(runs, tmp_path):
     (["--steps=0"], "steps, num_samples and batch_size must be >= 1, got 0"),
     (["--height=100"], "height must be None (the model's size) or a multiple of 8 pixels, got 100"),
     (["--postprocess", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
+    (["--postprocess", "--upscale_factor=0"], "the upscale factor must be > 0"),  # cv2 failed after drawing
+    (["--postprocess", "--restore_weight=3.0"], "the restoration weight in [0, 1]"),  # was taken silently
 ])
 def test_sample_checks_settings_first(tmp_path, args, message):
     """A misspelt setting, a value outside its set, a device this machine lacks (it has no GPU) stop
