@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -294,10 +293,7 @@ def remember(folder, key, settings):
     """Record in DRAW_FILE that the files of `key` were made with `settings`; None forgets them."""
     record = read_draw_file(folder)
     record[key] = as_json(settings)
-    path = os.path.join(folder, DRAW_FILE)
-    with open(path + ".tmp", "w") as f:  # whole, then renamed
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    data.write_whole(os.path.join(folder, DRAW_FILE), json.dumps(record, indent=2))
 
 
 def summary(records):
@@ -407,8 +403,8 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
                     os.remove(os.path.join(folder, stale))
             for old in glob.glob(os.path.join(folder, "p*_seed*.png")):  # another setting's images: none may stay
                 os.remove(old)
-            remember(folder, "enhanced", None)
-            remember(folder, "plain", None)
+            for key in ("enhanced", "enhancing", "plain"):
+                remember(folder, key, None)
             remember(folder, "drawing", draw)  # what the images saved from here on are drawn with
         images = {"plain": draw_images(cfg, run, prompts, prompt_index, seeds, folder, files["plain"])}
         remember(folder, "plain", draw)
@@ -418,16 +414,21 @@ def run_images(run, cfg, folder, prompts, prompt_index, seeds, models):
         files["enhanced"] = [f.replace(".png", "_enhanced.png") for f in files["plain"]]
         enhanced = dict(draw, upscale_factor=upscale_factor, upsampler=upsampler, restore_weight=restore_weight,
                         upscaler_model=upscaler_model, restorer_model=restorer_model, detector_model=detector_model)
-        if cached(folder, "enhanced", enhanced, files["enhanced"]):
-            images["enhanced"] = read_images(folder, files["enhanced"])
-        else:
-            images["enhanced"] = [enhance(im, upscale_factor, restore=True, weight=restore_weight,
-                                          upscaler=models.get("upscaler"), restorer=models["restorer"],
-                                          detector=models["detector"], upsampler=upsampler)
-                                  for im in tqdm(images["plain"], desc="post-processing", unit="image")]
-            for f, im in zip(files["enhanced"], images["enhanced"]):
-                Image.fromarray(im).save(os.path.join(folder, f))
+        if not cached(folder, "enhanced", enhanced, files["enhanced"]):
+            if read_draw_file(folder).get("enhancing") != as_json(enhanced):  # not a stopped pass of these settings
+                for old in glob.glob(os.path.join(folder, "p*_seed*_enhanced.png")):
+                    os.remove(old)
+                remember(folder, "enhanced", None)
+                remember(folder, "enhancing", enhanced)  # what the images saved from here on are made with
+            for f, im in zip(files["enhanced"], tqdm(images["plain"], desc="post-processing", unit="image")):
+                if not os.path.isfile(os.path.join(folder, f)):  # each saved as made: a stop keeps them
+                    better = enhance(im, upscale_factor, restore=True, weight=restore_weight,
+                                     upscaler=models.get("upscaler"), restorer=models["restorer"],
+                                     detector=models["detector"], upsampler=upsampler)
+                    data.save_png(torch.from_numpy(better).permute(2, 0, 1) / 255.0, os.path.join(folder, f))
             remember(folder, "enhanced", enhanced)
+            remember(folder, "enhancing", None)
+        images["enhanced"] = read_images(folder, files["enhanced"])
     return files, images
 
 

@@ -264,6 +264,33 @@ def test_a_stopped_draw_goes_on(env, tmp_path, monkeypatch):
         assert np.array_equal(np.asarray(Image.open(a / "eval" / f)), np.asarray(Image.open(b / "eval" / f))), f
 
 
+def test_a_stopped_postprocessing_goes_on(env, tmp_path, monkeypatch):
+    """Post-processing stopped after its first image keeps that image: the next call makes only the second."""
+    import postprocess
+    d = tmp_path / "post"
+    d.mkdir()
+    post = [f"--upscaler_model={standins.upscaler(str(d / 'up.onnx'))}",
+            f"--restorer_model={standins.restorer(str(d / 'cf.onnx'))}", "--postprocess"]
+    run = make_run(env, "run_post", 0)
+    real, calls = postprocess.enhance, []
+
+    def stop_at_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(postprocess, "enhance", stop_at_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(env, f"--runs={run}", f"--table_file={tmp_path / 'a.md'}", *post)
+    assert sorted(f for f in os.listdir(run / "eval") if f.endswith("_enhanced.png")) == ["p0_seed0_enhanced.png"]
+    kept = os.stat(run / "eval" / "p0_seed0_enhanced.png").st_mtime_ns
+    calls.clear()
+    monkeypatch.setattr(postprocess, "enhance", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    r = run_eval(env, f"--runs={run}", f"--table_file={tmp_path / 'a.md'}", *post)
+    assert r.returncode == 0 and len(calls) == 1, r.stderr[-2000:]
+    assert os.stat(run / "eval" / "p0_seed0_enhanced.png").st_mtime_ns == kept
+    assert Image.open(run / "eval" / "p1_seed1_enhanced.png").size == (128, 128)
+
 def test_bad_runs_are_named(env, tmp_path):
     """A folder without config.json, or with it but without the run's weights, stops before any model loads."""
     (tmp_path / "empty").mkdir()
