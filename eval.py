@@ -517,7 +517,7 @@ if __name__ == "__main__":
         enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
                                 detector_model or None, upsampler=upsampler, weight=restore_weight)
     try:  # every file found (or fetched) before the first image is drawn
-        models = enhancers | {kind: faces.model_path(kind, path or None) for kind, path in chosen.items()}
+        models = enhancers | faces.model_paths({kind: path or None for kind, path in chosen.items()})
         predictor = load_aesthetic(aesthetic_weights(aesthetic_model, aesthetic_repo, aesthetic_file), device)
         clip = model.CLIPVisionModel.from_pretrained(clip_model, device=device, dtype=model.DTYPES[dtype])
     except (faces.MissingModel, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -83,6 +83,20 @@ def model_path(kind, model=None):
     return path
 
 
+def model_paths(chosen):
+    """{kind: model_path(kind, path)} for chosen {kind: local path or None}; every file that is missing is named
+    in one MissingModel (offline, each would otherwise cost a trip to a machine with network)."""
+    found, missing = {}, []
+    for kind, path in chosen.items():
+        try:
+            found[kind] = model_path(kind, path)
+        except (MissingModel, FileNotFoundError) as e:
+            missing.append(str(e))
+    if missing:
+        raise MissingModel("\n".join(missing))
+    return found
+
+
 def check_hash(path, hash_name):
     """Compare the file's CRC32 with the repo's `hash_name` (8 hex digits); skip if it cannot be had
     (a mirror without .hash files, or offline with only the model cached)."""

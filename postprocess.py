@@ -12,7 +12,7 @@ pastes them into a bilinear enlargement, blended through a face-parsing mask.
     python postprocess.py a.png --parse                      # replace face classes only: hair, background untouched
     python postprocess.py a.png --upsampler=bilinear --parse # as the official inference script
 
-Writes <name>_enhanced.png per input. In code: enhance(image) on an HxWx3 uint8 RGB
+Writes <name>_enhanced.png per input (a config file, a .py argument, sets the settings too). In code: enhance(image) on an HxWx3 uint8 RGB
 array (sample.py's --postprocess calls it). The ONNX files come from the Hub through
 faces.model_path; --upscaler_model/--restorer_model/--detector_model/--parser_model take local .onnx
 files instead (the names train.py and sample.py use).
@@ -41,6 +41,7 @@ upscaler_model = ""       # local .onnx files; "" takes the file from the Hub
 restorer_model = ""
 detector_model = ""
 parser_model = ""
+overwrite = False         # replace <name>_enhanced.png files already in out_dir (else they stop the command)
 # -----------------------------------------------------------------------------
 
 CROP = 512  # CodeFormer works on 512x512 crops aligned to faces.FFHQ_TEMPLATE
@@ -174,8 +175,8 @@ def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, de
     wanted = dict(upscaler=(upscale_factor != 1 and upsampler == "real_esrgan", upscaler), restorer=(restore, restorer),
                   detector=(restore, detector), parser=(restore and (parse or parser is not None), parser))
     try:
-        return {kind: faces.model_path(kind, path) for kind, (used, path) in wanted.items() if used}
-    except (faces.MissingModel, FileNotFoundError) as e:
+        return faces.model_paths({kind: path for kind, (used, path) in wanted.items() if used})
+    except faces.MissingModel as e:
         raise SystemExit(str(e))
 
 def enhance(image, upscale_factor=2, restore=True, weight=0.5, tile=256, overlap=16,
@@ -208,9 +209,10 @@ def enhance(image, upscale_factor=2, restore=True, weight=0.5, tile=256, overlap
 if __name__ == "__main__":
     from PIL import Image
     from data import read_rgb
-    # the images; configure() gets the rest (it would read the images as config files)
-    paths = [a for a in sys.argv[1:] if not a.startswith("-")]
-    configure(globals(), [a for a in sys.argv[1:] if a.startswith("-")])
+    # the images; configure() gets the config files and the settings (it would read the images as config files)
+    settings = [a for a in sys.argv[1:] if a.startswith("-") or a.endswith(".py")]
+    paths = [a for a in sys.argv[1:] if a not in settings]
+    configure(globals(), settings)
     if not paths:
         raise SystemExit("no image given: python postprocess.py in.png [more.png ...] [--key=value ...] "
                          "(--help lists the settings)")
@@ -225,6 +227,10 @@ if __name__ == "__main__":
             raise SystemExit(f"{names[name]} and {p} would both be written to {name}: enhance them with "
                              "different --out_dir values, or rename one")
         names[name] = p
+    there = [n for n in names if os.path.exists(n)]
+    if there and not overwrite:
+        raise SystemExit(f"{', '.join(there)} {'is' if len(there) == 1 else 'are'} there already: pick another "
+                         "--out_dir, or replace them with --overwrite")
     models = find_models(scale, not no_restore, upscaler_model or None, restorer_model or None,
                          detector_model or None, parse, parser_model or None, upsampler, weight)
     os.makedirs(out_dir, exist_ok=True)

@@ -416,7 +416,7 @@ if any(need.values()):
     print(f"face models needed for {', '.join(why)}")
     try:
         chosen = dict(detector=detector_model, parser=parser_model, recognizer=recognizer_model)
-        face_files = {k: faces.model_path(k, chosen[k] or None) for k, on in need.items() if on}
+        face_files = faces.model_paths({k: chosen[k] or None for k, on in need.items() if on})
     except faces.MissingModel as e:
         listed = "".join(f"\n  {p}" for p in unmasked)
         photos_hint = (f" Photos without a mask:{listed}\nor give each a <name>_mask.png (white = face)."

@@ -581,3 +581,14 @@ def test_model_path_local_cache_and_hash(models, tmp_path, monkeypatch):
             assert os.path.realpath(snapshot / "retinaface_10g.onnx") in str(e.value)  # the blob the link names
         else:
             assert faces.model_path("detector") == str(snapshot / "retinaface_10g.onnx"), case
+
+def test_model_paths_names_every_missing_file(tmp_path):
+    """faces.model_paths finds each chosen file, and names every missing one in one MissingModel (offline, one
+    message per run would cost a trip each)."""
+    there = tmp_path / "det.onnx"
+    there.write_bytes(b"")
+    assert faces.model_paths({"detector": str(there)}) == {"detector": str(there)}
+    with pytest.raises(faces.MissingModel) as e:
+        faces.model_paths({"detector": str(there), "recognizer": str(tmp_path / "r.onnx"),
+                           "parser": str(tmp_path / "p.onnx")})
+    assert "recognizer model file not found" in str(e.value) and "parser model file not found" in str(e.value)

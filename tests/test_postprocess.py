@@ -196,17 +196,21 @@ def cli(*args):
 
 def test_cli_writes_enhanced_png(models, tmp_path):
     """python postprocess.py a.png b.png --out_dir=... writes <name>_enhanced.png per input; --no_restore
-    skips faces."""
+    skips faces; an output already there stops the command unless --overwrite; settings may come from a config
+    file (a .py argument)."""
     from PIL import Image
     for name in ("a", "b"):
         Image.fromarray(smooth_image(60, 80)).save(tmp_path / f"{name}.png")
     det = plant(tmp_path / "det.onnx", (120, 160), (80, 60), eye_distance=30)
+    (tmp_path / "conf.py").write_text("weight = 0.7\n")
     common = [f"--upscaler_model={models['nearest']}", f"--restorer_model={models['green']}", f"--detector_model={det}",
-              "--scale=2"]
-    for args, said in ([str(tmp_path / "a.png"), str(tmp_path / "b.png")], "restored 1 face"), \
-                      ([str(tmp_path / "a.png"), "--no_restore"], "upscaled 80x60 -> 160x120"):
+              str(tmp_path / "conf.py")]
+    for args, said in ([str(tmp_path / "a.png"), str(tmp_path / "b.png")], "restored 1 face (CodeFormer, weight 0.7)"), \
+                      ([str(tmp_path / "a.png"), "--no_restore"], "a_enhanced.png is there already"), \
+                      ([str(tmp_path / "a.png"), "--no_restore", "--overwrite"], "upscaled 80x60 -> 160x120"):
         r = cli(*args, f"--out_dir={tmp_path / 'out'}", *common)
-        assert r.returncode == 0 and said in r.stdout, r.stdout + r.stderr
+        assert said in r.stdout + r.stderr and r.returncode == (0 if "upscaled" in said or "restored" in said else 1), \
+            r.stdout + r.stderr
     b = np.asarray(Image.open(tmp_path / "out" / "b_enhanced.png"))
     a = np.asarray(Image.open(tmp_path / "out" / "a_enhanced.png"))  # written again with --no_restore
     assert a.shape == b.shape == (120, 160, 3)
@@ -217,9 +221,9 @@ def test_cli_writes_enhanced_png(models, tmp_path):
     (["a.png", "--CROP=256"], "unknown setting 'CROP'"),  # a constant, not a setting
     (["--weight=0.7"], "no image given"),
     (["missing.png"], "missing.png: no such file"),
-    (["postprocess.py", "--weight=3"], "weight in [0, 1]"),
-    (["postprocess.py", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
-    (["postprocess.py", "tests/../postprocess.py"], "would both be written to out/enhanced/postprocess_enhanced.png"),
+    (["README.md", "--weight=3"], "weight in [0, 1]"),
+    (["README.md", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
+    (["README.md", "tests/../README.md"], "would both be written to out/enhanced/README_enhanced.png"),
 ])
 def test_cli_errors(args, message):
     """The command line's settings are the module's globals: typos are named, constants are not settings,
