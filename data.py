@@ -103,6 +103,15 @@ def digest(path):
                 h.update(f.read())
     return h.hexdigest()
 
+def digests(groups):
+    """What a run's photos are: {"<kind>/<file name>": digest} for groups {kind: [photo paths]}."""
+    return {f"{kind}/{os.path.basename(p)}": digest(p) for kind, paths in groups.items() for p in paths}
+
+def digest_changes(was, now):
+    """The photos that differ between two digests() results, one line each: added, removed or changed."""
+    return [f"  {k}: {'removed' if k not in now else 'added' if k not in was else 'changed'}"
+            for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
 def open_image(path):
     """Image.open, refusing a file over MAX_PIXELS by the size in its header, before it is decoded, with a message
     that names the size and the fix. Pillow's own check is off meanwhile: above Image.MAX_IMAGE_PIXELS it only

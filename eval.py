@@ -259,6 +259,12 @@ def read_run(run):
             raise SystemExit(f"{path}: {k}={cfg[k]} is not a folder here. CSIM and Style compare with the run's "
                              "photos; a relative path counts from the folder eval.py runs in, so run it where "
                              "train.py ran")
+    if "photos" in cfg:  # what the run trained on (train.py records each photo's SHA-256): the scores compare with it
+        now = data.digests({k: [p for p, _ in data.list_images(cfg[f"{k}_dir"])] for k in ("source", "reference")})
+        if now != cfg["photos"]:
+            raise SystemExit(f"{run}: the photos in its source_dir and reference_dir differ from those it trained on "
+                             "(config.json):\n" + "\n".join(data.digest_changes(cfg["photos"], now)) + "\nCSIM and "
+                             "Style compare with the run's photos: put them back")
     return cfg
 
 

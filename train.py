@@ -390,15 +390,11 @@ if problems:
 sources, references = loaded
 photos = sources + references
 # the photos by content: a resumed run refuses others (its steps would belong to neither run's photos)
-photo_digests = {f"{kind}/{os.path.basename(p.path)}": data.digest(p.path)
-                 for kind, group in (("source", sources), ("reference", references)) for p in group}
+photo_digests = data.digests({"source": [p.path for p in sources], "reference": [p.path for p in references]})
 if ckpt is not None and ckpt.get("photos", photo_digests) != photo_digests:
-    was = ckpt["photos"]
-    diff = [f"  {k}: {'removed' if k not in photo_digests else 'added' if k not in was else 'changed'}"
-            for k in sorted(set(was) | set(photo_digests)) if was.get(k) != photo_digests.get(k)]
     raise SystemExit(f"--resume: the photos differ from the run's in {out_dir} (a photo or its mask):\n"
-                     + "\n".join(diff) + "\nPut the run's photos back, or start a new run with --overwrite or "
-                     "another --out_dir.")
+                     + "\n".join(data.digest_changes(ckpt["photos"], photo_digests)) + "\nPut the run's photos "
+                     "back, or start a new run with --overwrite or another --out_dir.")
 unmasked = [p.path for p in photos if p.mask_photo is None]
 if subject == "object":  # no parser for objects: a photo without a mask is all object (the references' always are)
     whole = [p.path for p in sources if p.mask_photo is None]
@@ -1166,7 +1162,7 @@ if ckpt is not None:
         data.write_whole(log_path, "".join(kept))
         ran_before = json.loads(kept[-1]).get("seconds", 0.0) if kept else 0.0
 if master:
-    data.write_whole(os.path.join(out_dir, "config.json"), json.dumps(dict(config, run_id=run_id), indent=2))
+    data.write_whole(os.path.join(out_dir, "config.json"), json.dumps(dict(config, run_id=run_id, photos=photo_digests), indent=2))
 
 trained2 = " + ".join(name for name, on in (("LoRA", lora_targets or lora_text_encoder),
                                              ("weights in full", full_targets), ("embeddings", True)) if on)

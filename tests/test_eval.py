@@ -311,6 +311,18 @@ def test_bad_runs_are_named(env, tmp_path):
         r = run_eval(env, f"--runs={good},{hub}", f"--table_file={tmp_path / 'eval.md'}")
     assert r.returncode != 0 and "someone/uncached-model" in r.stderr and "hf download" in r.stderr, r.stderr[-2000:]
     assert not (good / "eval").exists()
+    # photos other than those the run trained on (train.py records their SHA-256 in config.json): refused
+    other = make_run(env, "run_other_photos", 0)
+    cfg = json.load(open(other / "config.json"))
+    photos = data.digests({k: [p for p, _ in data.list_images(cfg[f"{k}_dir"])] for k in ("source", "reference")})
+    first = sorted(photos)[0]
+    json.dump(dict(cfg, photos=dict(photos, **{first: "0" * 64})), open(other / "config.json", "w"))
+    r = run_eval(env, f"--runs={other}", f"--table_file={tmp_path / 'eval.md'}")
+    assert r.returncode != 0 and f"differ from those it trained on (config.json):\n  {first}: changed" in r.stderr, \
+        r.stderr[-2000:]
+    json.dump(dict(cfg, photos=photos), open(other / "config.json", "w"))
+    r = run_eval(env, f"--runs={other}", f"--table_file={tmp_path / 'eval.md'}")
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_faceless_sources_stop_before_drawing(env, tmp_path):
