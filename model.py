@@ -127,6 +127,9 @@ class ScheduleConfig:
     beta_schedule: str = "scaled_linear"
     steps_offset: int = 1
     set_alpha_to_one: bool = False
+    # as the file says it ("leading": SDXL's) or None where it does not (SD1.5's): DDIM spaces its steps "leading"
+    # either way, as diffusers' DDIMScheduler does, while Euler ancestral takes "linspace" where none is given
+    timestep_spacing: str | None = None
 
 # config.json values this code does not implement: the value SD1.5 and SDXL have, and what
 # a different value usually means, so the error can say what was loaded
@@ -1199,17 +1202,27 @@ class Schedule:
         return x_prev
 
     def euler_sigmas(self, steps):
-        """Euler ancestral's schedule ('linspace' spacing, as the official MagiCapture inference had it):
-        `steps` timesteps evenly from T-1 down to 0, their noise levels sigma = sqrt((1 - abar) / abar)
-        interpolated between integer timesteps, then a final sigma of 0."""
+        """Euler ancestral's schedule, as diffusers' EulerAncestralDiscreteScheduler sets it from the model's
+        scheduler config -> (timesteps, their noise levels sigma = sqrt((1 - abar) / abar) then a final 0, the
+        scale of the starting noise). Without a timestep_spacing (SD1.5's file; the official MagiCapture
+        inference): 'linspace', `steps` timesteps evenly from T-1 down to 0, sigma interpolated between integer
+        timesteps, starting at the largest sigma. With 'leading' (SDXL's): DDIM's timesteps, starting at
+        sqrt(sigma^2 + 1), the variance of z_T / sqrt(abar_T)."""
         T = self.config.num_train_timesteps
-        t = torch.linspace(0, T - 1, steps, dtype=torch.float64).flip(0)
         abar = self.alphas_cumprod.double()
         sig = ((1 - abar) / abar).sqrt()
-        lo = t.floor().long()
-        w = t - lo
-        sigmas = sig[lo] * (1 - w) + sig[(lo + 1).clamp(max=T - 1)] * w
-        return t.float().tolist(), torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float().tolist()
+        if self.config.timestep_spacing == "leading":
+            t = torch.tensor(self.ddim_timesteps(steps), dtype=torch.float64)
+            sigmas = sig[t.long()]
+            start = (sigmas[0] ** 2 + 1).sqrt()
+        else:
+            t = torch.linspace(0, T - 1, steps, dtype=torch.float64).flip(0)
+            lo = t.floor().long()
+            w = t - lo
+            sigmas = sig[lo] * (1 - w) + sig[(lo + 1).clamp(max=T - 1)] * w
+            start = sigmas[0]
+        return (t.float().tolist(), torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float().tolist(),
+                start.item())
 
     def euler_ancestral_step(self, x, eps, sigma, sigma_next, generator=None):
         """One Euler ancestral step in sigma space (Karras et al. 2022; k-diffusion): an Euler step down to
@@ -1612,8 +1625,9 @@ class StableDiffusion(nn.Module):
         self.tokenizer.save(os.path.join(path, "tokenizer"))
         os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
         with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump({"_class_name": "DDIMScheduler", **asdict(self.schedule.config), "clip_sample": False,
-                       "prediction_type": "epsilon", "timestep_spacing": "leading"}, f, indent=2)
+            spacing = {k: v for k, v in asdict(self.schedule.config).items() if v is not None}  # None: not said
+            json.dump({"_class_name": "DDIMScheduler", **spacing, "clip_sample": False, "prediction_type": "epsilon"},
+                      f, indent=2)
         index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
                  "safety_checker": [None, None], "feature_extractor": [None, None],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
@@ -1667,7 +1681,7 @@ class StableDiffusion(nn.Module):
                                    projection_class_embeddings_input_dim=88, norm_num_groups=8, sample_size=16))
         for m in (text, text_2, vae, unet):
             m.eval().requires_grad_(False)
-        return cls(tokenizer, text, vae, unet, Schedule(ScheduleConfig()), tokenizer_2, text_2)
+        return cls(tokenizer, text, vae, unet, Schedule(ScheduleConfig(timestep_spacing="leading")), tokenizer_2, text_2)
 
     def encode_prompts(self, prompts, original_size=None, crops_coords_top_left=(0, 0), target_size=None):
         """
@@ -1740,8 +1754,8 @@ class StableDiffusion(nn.Module):
             def step(i, t, x):
                 return schedule.ddim_step(x, guided(x, t), t, t - ratio, eta, generator)
         elif sampler == "euler_a":
-            timesteps, sigmas = schedule.euler_sigmas(steps)
-            x = x * sigmas[0]  # start at the largest noise level
+            timesteps, sigmas, start = schedule.euler_sigmas(steps)
+            x = x * start
 
             def step(i, t, x):  # the UNet sees x scaled back to unit variance: z_t = x / sqrt(sigma^2 + 1)
                 eps = guided(x / (sigmas[i] ** 2 + 1) ** 0.5, t)

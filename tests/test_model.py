@@ -153,15 +153,20 @@ def test_sample_matches_diffusers_pipeline(tiny_dir, eta):
     err = (ours - ref).abs().max().item()
     assert err < 1e-4, f"max pixel difference {err:.2e}"
 
-def test_euler_ancestral_matches_diffusers(tiny_dir):
-    """sampler='euler_a' equals diffusers' EulerAncestralDiscreteScheduler ('linspace' spacing, as the
-    official MagiCapture inference) with the same latents and noise stream, within 1e-4."""
+@pytest.mark.parametrize("spacing", [None, "leading"])
+def test_euler_ancestral_matches_diffusers(tiny_dir, spacing):
+    """sampler='euler_a' equals diffusers' EulerAncestralDiscreteScheduler set up from the model's scheduler config,
+    with the same latents and noise stream, within 1e-4: 'linspace' where the config gives no timestep_spacing
+    (SD1.5's file; the official MagiCapture inference), 'leading' where it says so (SDXL's)."""
     import diffusers
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
-    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config,
-                                                                           timestep_spacing="linspace")
+    config = {k: v for k, v in pipe.scheduler.config.items() if k != "timestep_spacing"}
+    assert "timestep_spacing" not in json.load(open(os.path.join(tiny_dir, "scheduler", "scheduler_config.json")))
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
+        config, **({"timestep_spacing": spacing} if spacing else {}))
     pipe.set_progress_bar_config(disable=True)
     sd = load(tiny_dir)
+    sd.schedule.config.timestep_spacing = spacing
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     ref = pipe(["a photo of a person"], num_inference_steps=15, guidance_scale=7.0, latents=latents,
                output_type="pt", generator=torch.Generator().manual_seed(3)).images
