@@ -759,7 +759,8 @@ def test_diffusers_draws_the_same_image_with_our_outputs(cache, trained, scale):
 def test_sdxl_run_and_diffusers_draws_the_same_image(cache, face_models):
     """config/tiny_sdxl.py trains the tokens in both text encoders and LoRA on the UNet and both encoders, with
     eq. 7 and eq. 8; diffusers' StableDiffusionXLPipeline, given our LoRA file and each encoder's rows of our
-    embeddings file, draws our sample within 1e-4."""
+    embeddings file, draws our sample within 1e-4, with the README's eos_token_id line where the config has real
+    SDXL's eos_token_id 2."""
     import diffusers
     out = cache / "trained_xl"
     r = train(cache, out, "--phase1_steps=2", "--phase2_steps=3", "--lr_lora=0.05", "--lr_embed1=0.05",
@@ -783,10 +784,16 @@ def test_sdxl_run_and_diffusers_draws_the_same_image(cache, face_models):
     for key, tokenizer, text_encoder in (("clip_l", pipe.tokenizer, pipe.text_encoder),
                                          ("clip_g", pipe.tokenizer_2, pipe.text_encoder_2)):
         pipe.load_textual_inversion(emb[key], token=["<v1>", "<v2>"], tokenizer=tokenizer, text_encoder=text_encoder)
-    ref = pipe(prompt, num_inference_steps=5, guidance_scale=7.5, latents=latents, height=64, width=64,
-               output_type="pt").images
-    err = (ours - ref).abs().max().item()
+    draw = lambda: pipe(prompt, num_inference_steps=5, guidance_scale=7.5, latents=latents, height=64, width=64,
+                        output_type="pt").images
+    # the real SDXL's text_encoder_2/config.json has eos_token_id 2 (the tiny one has its tokenizer's): transformers
+    # then pools at the largest token id, here a placeholder's; the README's line pools at the end token again
+    pipe.text_encoder_2.text_model.eos_token_id = 2
+    wrong = draw()
+    pipe.text_encoder_2.text_model.eos_token_id = pipe.tokenizer_2.eos_token_id  # the README's line
+    err = (ours - draw()).abs().max().item()
     assert err < 1e-4, f"max pixel difference {err:.2e}"
+    assert (ours - wrong).abs().max() > 1e-3, "eos_token_id 2 changed nothing: the README's line is not shown needed"
     assert (ours - base).abs().max() > 0.05  # the LoRA and tokens really change the image
     r = subprocess.run([sys.executable, "sample.py", "--init_from=tiny-xl", f"--lora={out}", "--attention",
                         "--steps=2", "--num_samples=1", "--height=64", "--width=64", f"--out_dir={out / 's'}",
