@@ -507,7 +507,7 @@ if __name__ == "__main__":
     device = check_device(device)
     if not (num_images >= 1 and batch_size >= 1 and steps >= 1):
         raise SystemExit(f"num_images, batch_size and steps must be >= 1, got {num_images}, {batch_size}, {steps}")
-    run_dirs = [r.strip() for r in runs.split(",") if r.strip()]
+    run_dirs = list(dict.fromkeys(os.path.normpath(r.strip()) for r in runs.split(",") if r.strip()))  # once each
     if not run_dirs:
         raise SystemExit("no run given: --runs=out/a (or --runs=out/a,out/b for a table of several)")
     run_configs = {run: read_run(run) for run in run_dirs}  # every run checked before any model loads

@@ -1266,7 +1266,8 @@ def weight_files(folder, part, variant=None):
     if os.path.exists(index):
         return [os.path.join(folder, part, f) for f in sorted(set(read_json(index)["weight_map"].values()))]
     pickled = glob.glob(os.path.join(folder, part, "*.bin"))
-    raise FileNotFoundError(f"{single} is missing" + (f" (no '{variant}' variant?)" if variant else "") + (
+    raise FileNotFoundError(f"{single} is missing" + (f" (no '{variant}' variant? --variant=None reads the "
+                                                      "plain files)" if variant else "") + (
         f"; {os.path.basename(pickled[0])} is there, but only .safetensors files are read (a pickled .bin can run "
         "code): convert the folder with diffusers, from_pretrained(folder).save_pretrained(new_folder)"
         if pickled else ""))

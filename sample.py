@@ -74,6 +74,10 @@ if not (steps >= 1 and num_samples >= 1 and batch_size >= 1):
 for name, side in (("height", height), ("width", width)):
     if side is not None and not (isinstance(side, int) and side >= 8 and side % 8 == 0):
         raise SystemExit(f"{name} must be None (the model's size) or a multiple of 8 pixels, got {side!r}")
+if not 0 <= seed < 2 ** 63 - num_samples:  # torch.Generator's seeds
+    raise SystemExit(f"seed must be in [0, 2^63 - num_samples), got {seed}")
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise SystemExit(f"out_dir {out_dir} is a file: pick a folder (--out_dir=...)")
 earlier = [os.path.join(out_dir, n) for n in ("sample.json", "grid.png") if os.path.exists(os.path.join(out_dir, n))]
 earlier += sorted(glob.glob(os.path.join(glob.escape(out_dir), "seed*.png")))
 if earlier and not overwrite:  # their images would be mixed with these, and sample.json would describe only these

@@ -158,6 +158,8 @@ def test_sample_placeholder_past_77_tokens(runs, tmp_path):
     (["--steps=0"], "steps, num_samples and batch_size must be >= 1, got 0"),
     (["--height=100"], "height must be None (the model's size) or a multiple of 8 pixels, got 100"),
     (["--postprocess", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
+    (["--seed=-1"], "seed must be in [0, 2^63 - num_samples), got -1"),
+    (["--out_dir=README.md"], "out_dir README.md is a file"),  # os.makedirs failed after the model loaded
     (["--postprocess", "--upscale_factor=0"], "the upscale factor must be > 0"),  # cv2 failed after drawing
     (["--postprocess", "--restore_weight=3.0"], "the restoration weight in [0, 1]"),  # was taken silently
 ])
