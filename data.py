@@ -325,8 +325,8 @@ def write_whole(path, text):
     except OSError as e:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
-        raise SystemExit(f"could not write {path} (disk full?): {e.strerror}. It is as it was: free some space "
-                         "and run again.")
+        raise SystemExit(f"could not write {path}: {e.strerror}. It is as it was: free some space (or fix the "
+                         "folder's permissions) and run again.")
 
 def grid(images, cols=4):
     """(N, 3, H, W) -> (3, rows*H, cols*W), filled row by row, white where empty."""

@@ -516,14 +516,14 @@ if __name__ == "__main__":
             model.StableDiffusion.locate(*base_model(run, cfg))
         except (FileNotFoundError, RuntimeError) as e:
             raise SystemExit(f"{run}: {e}")
-    chosen = dict(detector=detector_model, recognizer=recognizer_model, parser=parser_model)
-    enhancers = {}
-    if postprocess:  # the files postprocess.enhance will run with these settings (its upscaler, restorer)
-        from postprocess import find_models
-        enhancers = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
-                                detector_model or None, upsampler=upsampler, weight=restore_weight)
-    try:  # every file found (or fetched) before the first image is drawn
-        models = enhancers | faces.model_paths({kind: path or None for kind, path in chosen.items()})
+    chosen = dict(detector=detector_model or None, recognizer=recognizer_model or None, parser=parser_model or None)
+    try:  # every file found (or fetched) before the first image is drawn, the missing ones named together
+        if postprocess:  # with the files postprocess.enhance will run with these settings (its upscaler, restorer)
+            from postprocess import find_models
+            models = find_models(upscale_factor, True, upscaler_model or None, restorer_model or None,
+                                 detector_model or None, upsampler=upsampler, weight=restore_weight, also=chosen)
+        else:
+            models = faces.model_paths(chosen)
         predictor = load_aesthetic(aesthetic_weights(aesthetic_model, aesthetic_repo, aesthetic_file), device)
         clip = model.CLIPVisionModel.from_pretrained(clip_model, device=device, dtype=model.DTYPES[dtype])
     except (faces.MissingModel, FileNotFoundError, ValueError, RuntimeError) as e:

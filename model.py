@@ -685,12 +685,9 @@ class ViT(nn.Module):
             x, k = layer(x)
         return x, k
 
-    def forward(self, pixel_values, keys=False):
-        """last_block's output through the final layernorm (transformers' last_hidden_state); keys=True returns
-        (hidden, keys)."""
-        x, k = self.last_block(pixel_values)
-        x = self.layernorm(x)
-        return (x, k) if keys else x
+    def forward(self, pixel_values):
+        """last_block's output through the final layernorm: transformers' last_hidden_state."""
+        return self.layernorm(self.last_block(pixel_values)[0])
 
     @classmethod
     def from_pretrained(cls, name_or_dir=DINO_REPO, device="cpu", dtype=torch.float32):

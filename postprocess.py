@@ -164,18 +164,21 @@ def restore_faces(image, weight=0.5, model=None, detector=None, parse=False, par
 UPSAMPLERS = ("real_esrgan", "bilinear")
 
 def find_models(upscale_factor=2, restore=True, upscaler=None, restorer=None, detector=None, parse=False, parser=None,
-                upsampler="real_esrgan", weight=0.5):
-    """{kind: local .onnx path} of the models enhance() will run with these settings, each found in the cache
-    (or downloaded) now: a missing one, or a setting out of range, stops the command before any work, naming the
-    file and how to fetch it, or the setting."""
+                upsampler="real_esrgan", weight=0.5, also=None):
+    """{kind: local .onnx path} of the models enhance() will run with these settings, and of the face models in
+    `also` ({kind: path or None}), each found in the cache (or downloaded) now: missing ones, or a setting out of
+    range, stop the command before any work, naming every missing file and how to fetch it, or the setting."""
     check_choice("upsampler", upsampler, UPSAMPLERS)
-    if not (upscale_factor > 0 and 0 <= weight <= 1):
-        raise SystemExit(f"the upscale factor must be > 0 and the restoration weight in [0, 1] (CodeFormer's "
-                         f"fidelity); got {upscale_factor} and {weight}")
+    if not upscale_factor > 0:
+        raise SystemExit(f"the upscale factor (postprocess.py's --scale, sample.py's and eval.py's --upscale_factor) "
+                         f"must be > 0, got {upscale_factor}")
+    if not 0 <= weight <= 1:
+        raise SystemExit(f"the restoration weight (CodeFormer's fidelity: postprocess.py's --weight, sample.py's and "
+                         f"eval.py's --restore_weight) must be in [0, 1], got {weight}")
     wanted = dict(upscaler=(upscale_factor != 1 and upsampler == "real_esrgan", upscaler), restorer=(restore, restorer),
                   detector=(restore, detector), parser=(restore and (parse or parser is not None), parser))
     try:
-        return faces.model_paths({kind: path for kind, (used, path) in wanted.items() if used})
+        return faces.model_paths({kind: path for kind, (used, path) in wanted.items() if used} | (also or {}))
     except faces.MissingModel as e:
         raise SystemExit(str(e))
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from configurator import check_choice, check_device, configure
-from data import grid, save_png, to_uint8
+from data import grid, save_png, to_uint8, write_whole
 from lora import load_result, merge
 from model import DTYPES, AttentionRecorder, StableDiffusion
 
@@ -173,8 +173,8 @@ if sampler == "ddim":
 for path in earlier:  # --overwrite: the earlier call's images go, so none is mixed with these
     os.remove(path)
 os.makedirs(out_dir, exist_ok=True)
-with open(os.path.join(out_dir, "sample.json"), "w") as f:  # first: the images a Ctrl-C leaves keep their settings
-    json.dump(dict(config, height=H, width=W), f, indent=2)
+record = os.path.join(out_dir, "sample.json")  # first: the images a stop leaves keep their settings
+write_whole(record, json.dumps(dict(config, height=H, width=W), indent=2))
 seeds = [seed + i for i in range(num_samples)]
 images, saved = [], 0
 try:
@@ -203,7 +203,11 @@ try:
             for s, im, hm in zip(chunk, out, heat):
                 row = torch.cat([im] + [overlay(im, h) for h in hm], dim=2)  # image | <v1> | <v2>
                 save_png(row, os.path.join(out_dir, f"seed{s}_attention.png"))
-except KeyboardInterrupt:
+except BaseException as e:  # Ctrl-C, out of memory, ...
+    if not saved:  # no image: no record either, so the same command can run again
+        os.remove(record)
+    if not isinstance(e, KeyboardInterrupt):
+        raise
     print(f"\nstopped: {saved} of {num_samples} images drawn in {out_dir}, their settings in "
           "sample.json (no grid.png)", file=sys.stderr)
     sys.exit(130)

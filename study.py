@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -166,6 +167,12 @@ def plan(run):
     return "overwrite", f"it holds an unfinished run ({', '.join(held)}) without a checkpoint: starting over"
 
 
+def sigterm_as_ctrl_c(signum, frame):
+    """SIGTERM to the process group (SLURM's scancel, `timeout`) reaches train.py too, which stops after its step
+    with a checkpoint: the study takes it as Ctrl-C, reading the child's output until it has, then stops."""
+    raise KeyboardInterrupt
+
+
 def run_logged(cmd, path):
     """Run cmd, its output (progress bars too) passed through to ours and copied to `path` -> its exit status.
     Ctrl-C reaches the child as well (one process group): let it write its checkpoint, then stop the study."""
@@ -281,6 +288,7 @@ def contact_sheet(rows, firsts, pair_list, path):
 
 if __name__ == "__main__":
     config = configure(globals())
+    signal.signal(signal.SIGTERM, sigterm_as_ctrl_c)
     if step_scale <= 0:
         raise SystemExit(f"step_scale must be > 0, got {step_scale}")
     pair_list = parse_pairs(pairs)

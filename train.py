@@ -161,7 +161,7 @@ check_choice("latent_mask", latent_mask, ("bilinear", "nearest"))
 check_choice("subject", subject, ("face", "object"))
 if subject == "object" and (lambda_id > 0 or source_face_crop):
     raise SystemExit("subject=object has no faces: set lambda_id=0 and source_face_crop=False (config/object.py does; "
-                     "config/tiny_object.py goes after config/tiny.py or config/object.py)")
+                     "config/tiny_object.py goes after config/tiny.py)")
 if subject == "object" and (hflip or color_jitter > 0):  # eq. 11's structure target is the photo as it is
     raise SystemExit("subject=object compares each composed sample with its source photo's DINO keys, computed once "
                      "from the photo as it is: a flipped or jittered sample would be pulled toward the unflipped "
@@ -233,8 +233,8 @@ total_steps = phase1_steps + phase2_steps
 
 # -----------------------------------------------------------------------------
 # out_dir: continue its run (--resume), clear it (--overwrite), or start in a folder without a run.
-# Checked before anything is read or written; an old run is cleared only once the photos passed their checks, so a
-# wrong command loses nothing.
+# Checked before anything is read or written; an old run is cleared (--overwrite) only once the photos, the models
+# and the class images are ready, so a wrong command loses nothing but the mask overlays it redraws.
 ckpt_dir = os.path.join(out_dir, "checkpoints")
 log_path = os.path.join(out_dir, "log.jsonl")
 RUN_FILES = ("config.json", "log.jsonl", "loss.png", lora.LORA_FILE, lora.EMBEDS_FILE, lora.KOHYA_FILE,
@@ -335,7 +335,7 @@ if resume:
     if ckpt is None:
         raise SystemExit(f"--resume: none of the checkpoints in {ckpt_dir} can be read; start over with --overwrite")
     if read_run_id() == "unreadable":  # the checkpoint holds the run's id and settings: config.json is written anew
-        print(f"warning: {out_dir}/config.json cannot be read; it is written again from {path}")
+        print(f"warning: {out_dir}/config.json cannot be read; it is written again, with the run id in {path}")
     elif ckpt.get("run_id") != read_run_id():
         raise SystemExit(f"--resume: {path} belongs to another run than {out_dir}/config.json (run ids "
                          f"{ckpt.get('run_id')} and {read_run_id()}); a folder must hold one run. Move the "
@@ -491,17 +491,15 @@ if outside:
                      + (", or set --source_face_crop=True to crop the sources around their faces"
                         if not source_face_crop and any(p.path in outside for p in sources) else "")
                      + ".")
-if master and ckpt is None:  # this start's overlays replace an earlier run's; its other files go once all passed
-    clear_out_dir(["masks"])
 os.makedirs(os.path.join(out_dir, "masks"), exist_ok=True)
+overlays = set()  # drawn before the check below, so a bad mask can be seen; an earlier run's others go later
 for kind, group in (("source", sources), ("reference", references)) if master else ():
     for p in group:
-        name = os.path.splitext(os.path.basename(p.path))[0]
-        data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", f"{kind}_{name}.png"))
+        name = f"{kind}_{os.path.splitext(os.path.basename(p.path))[0]}.png"
+        overlays.add(name)
+        data.save_overlay(p, p.mask, os.path.join(out_dir, "masks", name))
 data.check_masks(photos if subject == "face" else [p for p in sources if p.mask_photo is not None],
                  min_mask_fraction, objects=subject == "object")
-if master and ckpt is None:
-    clear_out_dir([name for name in RUN_FILES + RUN_DIRS if name != "masks"])
 if master:  # (the others drew none)
     print(f"{len(sources)} source and {len(references)} reference photos; masks drawn in {out_dir}/masks")
 
@@ -1161,8 +1159,13 @@ if ckpt is not None:
             kept = [l for l in f if before_checkpoint(l)]
         data.write_whole(log_path, "".join(kept))
         ran_before = json.loads(kept[-1]).get("seconds", 0.0) if kept else 0.0
+if master and ckpt is None:  # everything checked and loaded: an earlier run's files go before this one writes its own
+    clear_out_dir([name for name in RUN_FILES + RUN_DIRS if name != "masks"])
+    for name in set(os.listdir(os.path.join(out_dir, "masks"))) - overlays:  # other photos' overlays
+        os.remove(os.path.join(out_dir, "masks", name))
 if master:
-    data.write_whole(os.path.join(out_dir, "config.json"), json.dumps(dict(config, run_id=run_id, photos=photo_digests), indent=2))
+    data.write_whole(os.path.join(out_dir, "config.json"),
+                     json.dumps(dict(config, run_id=run_id, photos=photo_digests), indent=2))
 
 trained2 = " + ".join(name for name, on in (("LoRA", lora_targets or lora_text_encoder),
                                              ("weights in full", full_targets), ("embeddings", True)) if on)

@@ -429,6 +429,6 @@ def test_write_whole_leaves_the_old_file_or_the_new(tmp_path, monkeypatch):
     def full(src, dst):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(SystemExit, match="could not write .*log.jsonl .disk full.*No space left"):
+    with pytest.raises(SystemExit, match="could not write .*log.jsonl: No space left on device. It is as it was"):
         data.write_whole(path, "newer\n")
     assert open(path).read() == "new\n" and os.listdir(tmp_path) == ["log.jsonl"]

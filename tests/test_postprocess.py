@@ -221,7 +221,7 @@ def test_cli_writes_enhanced_png(models, tmp_path):
     (["a.png", "--CROP=256"], "unknown setting 'CROP'"),  # a constant, not a setting
     (["--weight=0.7"], "no image given"),
     (["missing.png"], "missing.png: no such file"),
-    (["README.md", "--weight=3"], "weight in [0, 1]"),
+    (["README.md", "--weight=3"], "--weight, sample.py's and eval.py's --restore_weight) must be in [0, 1], got 3"),
     (["README.md", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
     (["README.md", "tests/../README.md"], "would both be written to out/enhanced/README_enhanced.png"),
 ])

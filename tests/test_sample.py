@@ -138,6 +138,13 @@ def test_sample_ctrl_c_keeps_what_was_drawn(runs, tmp_path, monkeypatch):
     assert r.returncode == 130 and "stopped: 2 of 3 images drawn" in r.stderr, r.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["sample.json", "seed0.png", "seed1.png"]
     assert json.load(open(out / "sample.json"))["num_samples"] == 3
+    calls.clear()
+    calls.append(1)  # the first batch is stopped: no image, no record, and the same command runs again
+    out = tmp_path / "first"
+    r = run(runs["cache"], f"--out_dir={out}", "--num_samples=1", "--height=64", "--width=64")
+    assert r.returncode == 130 and os.listdir(out) == [], r.stderr[-2000:]
+    r = run(runs["cache"], f"--out_dir={out}", "--num_samples=1", "--height=64", "--width=64")
+    assert r.returncode == 0 and sorted(os.listdir(out)) == ["grid.png", "sample.json", "seed0.png"], r.stderr
 
 def test_sample_placeholder_past_77_tokens(runs, tmp_path):
     """A prompt whose placeholder falls past CLIP's 77 tokens stops with the tokenizer's message before
@@ -160,8 +167,8 @@ def test_sample_placeholder_past_77_tokens(runs, tmp_path):
     (["--postprocess", "--upscaler_model=none.onnx"], "upscaler model file not found: none.onnx"),
     (["--seed=-1"], "seed must be in [0, 2^63 - num_samples), got -1"),
     (["--out_dir=README.md"], "out_dir README.md is a file"),  # os.makedirs failed after the model loaded
-    (["--postprocess", "--upscale_factor=0"], "the upscale factor must be > 0"),  # cv2 failed after drawing
-    (["--postprocess", "--restore_weight=3.0"], "the restoration weight in [0, 1]"),  # was taken silently
+    (["--postprocess", "--upscale_factor=0"], "--upscale_factor) must be > 0, got 0"),  # cv2 failed after drawing
+    (["--postprocess", "--restore_weight=3.0"], "--restore_weight) must be in [0, 1], got 3.0"),  # was taken
 ])
 def test_sample_checks_settings_first(tmp_path, args, message):
     """A misspelt setting, a value outside its set, a device this machine lacks (it has no GPU) stop

@@ -186,3 +186,21 @@ def test_pooled_scores_every_image_of_every_pair():
     for m in study.METRICS:
         assert np.isclose(row[m]["mean"], np.mean(every)) and np.isclose(row[m]["std"], np.std(every)), row[m]
     assert first == {"a": os.path.join("runs/a", "eval", "0.png"), "b": os.path.join("runs/b", "eval", "0.png")}
+
+
+def test_sigterm_lets_the_run_write_its_checkpoint(tmp_path):
+    """SIGTERM to the study's process group (scancel, timeout) reaches the training run too: the study keeps reading
+    its output until the run has stopped with its checkpoint (a stand-in child here), then stops with a message."""
+    import signal
+    log = tmp_path / "run.log"
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.5), print('checkpoint written', flush=True), "
+             "sys.exit(143)))\nprint('started', flush=True)\ntime.sleep(60)")
+    parent = ("import signal, sys, study\nsignal.signal(signal.SIGTERM, study.sigterm_as_ctrl_c)\n"
+              f"study.run_logged([sys.executable, '-c', {child!r}], {str(log)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "started\n"  # passed through by the study as the run prints it
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert "checkpoint written" in log.read_text() and "stopped (" in err, (out, err)

@@ -253,8 +253,9 @@ def test_a_finished_run_is_kept_unless_overwrite(cache, run, tmp_path):
     assert not (out / "pytorch_lora_weights.safetensors").exists()  # phase 2 never ran in the new run
 
 def test_overwrite_keeps_the_old_run_until_the_photos_pass(cache, run, tmp_path):
-    """--overwrite deletes nothing while the new run's photos fail their checks (a mistyped folder, an empty mask,
-    source and reference the same folder); both folders' unusable files are named in one message."""
+    """--overwrite deletes nothing but the mask overlays it redraws while the new run cannot start (a mistyped
+    folder, an empty mask, source and reference the same folder, a base model that is not there); both folders'
+    unusable files are named in one message."""
     from PIL import Image
     out = tmp_path / "kept"
     shutil.copytree(run[0], out)
@@ -271,7 +272,8 @@ def test_overwrite_keeps_the_old_run_until_the_photos_pass(cache, run, tmp_path)
     for args, said in (([f"--source_dir={tmp_path / 'scr'}"], ["scr is not a folder"]),
                        ([f"--reference_dir={cache / 'src'}"], ["source_dir and reference_dir are both"]),
                        ([f"--source_dir={bad_src}", f"--reference_dir={bad_ref}"], ["broken2.jpg", "ref/broken.jpg"]),
-                       ([f"--source_dir={src}"], ["01_mask.png"])):
+                       ([f"--source_dir={src}"], ["01_mask.png"]),
+                       ([f"--init_from={tmp_path / 'no_model'}"], ["no_model"])):
         r = stops(cache, out, *SHARED, "--overwrite", *args)
         assert r.returncode != 0 and all(s in r.stderr for s in said), r.stderr[-2000:]
         assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if "masks" not in p.parts} == before, args
