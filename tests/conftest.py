@@ -36,6 +36,17 @@ def run_script(script, *args, cache):
             raise
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
+def stop_on_call(real, n):
+    """`real` wrapped to raise KeyboardInterrupt (a Ctrl-C) on its n-th call, counting from this wrapping."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    return wrapper
+
 def release_out_dir(namespace=None, error=None):
     """train.py locks its out_dir (an flock on out_dir/.lock, its global out_lock) until its process ends. Run in
     this process, it ends when its globals are freed, which a traceback or a returned namespace delays: let go

@@ -19,7 +19,7 @@ import eval as ev
 import faces
 import lora
 import standins
-from conftest import hub_cache, run_script
+from conftest import hub_cache, run_script, stop_on_call
 from model import CLIPVisionModel, StableDiffusion
 
 # in the detector's 640x640 letterbox: a 256 px photo's face at x 80-160, y 72-172; a 64 px image's at 20-40, 18-43
@@ -242,14 +242,8 @@ def test_a_stopped_draw_goes_on(env, tmp_path, monkeypatch):
     """A draw stopped after its first image keeps it: the next call draws only the second, and both equal the
     images of a draw that was never stopped."""
     a, b = make_run(env, "run_stopped", 0), make_run(env, "run_whole", 0)  # the same tokens and LoRA
-    real, calls = StableDiffusion.sample, []
-
-    def stop_at_second(self, *args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kw)
-    monkeypatch.setattr(StableDiffusion, "sample", stop_at_second)
+    real = StableDiffusion.sample
+    monkeypatch.setattr(StableDiffusion, "sample", stop_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         run_eval(env, f"--runs={a}", "--batch_size=1", f"--table_file={tmp_path / 'a.md'}")
     assert sorted(f for f in os.listdir(a / "eval") if f.endswith(".png")) == ["p0_seed0.png"]
@@ -273,18 +267,11 @@ def test_a_stopped_postprocessing_goes_on(env, tmp_path, monkeypatch):
             f"--restorer_model={standins.restorer(str(d / 'cf.onnx'))}", "--postprocess"]
     run = make_run(env, "run_post", 0)
     real, calls = postprocess.enhance, []
-
-    def stop_at_second(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kw)
-    monkeypatch.setattr(postprocess, "enhance", stop_at_second)
+    monkeypatch.setattr(postprocess, "enhance", stop_on_call(real, 2))
     with pytest.raises(KeyboardInterrupt):
         run_eval(env, f"--runs={run}", f"--table_file={tmp_path / 'a.md'}", *post)
     assert sorted(f for f in os.listdir(run / "eval") if f.endswith("_enhanced.png")) == ["p0_seed0_enhanced.png"]
     kept = os.stat(run / "eval" / "p0_seed0_enhanced.png").st_mtime_ns
-    calls.clear()
     monkeypatch.setattr(postprocess, "enhance", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     r = run_eval(env, f"--runs={run}", f"--table_file={tmp_path / 'a.md'}", *post)
     assert r.returncode == 0 and len(calls) == 1, r.stderr[-2000:]

@@ -11,7 +11,7 @@ from PIL import Image
 
 import lora
 import standins
-from conftest import run_script
+from conftest import run_script, stop_on_call
 from model import StableDiffusion
 
 SMALL = ["--num_samples=1", "--height=64", "--width=64"]
@@ -126,20 +126,15 @@ def test_sample_lora_file_lost_and_upper_case_tokens(runs, tmp_path):
 def test_sample_ctrl_c_keeps_what_was_drawn(runs, tmp_path, monkeypatch):
     """Ctrl-C during the second batch: the first batch's images stay, with sample.json (their settings) written
     before drawing, and the exit code is 130."""
-    real, calls = StableDiffusion.sample, []
-    def sample(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(StableDiffusion, "sample", sample)
+    real = StableDiffusion.sample
+    monkeypatch.setattr(StableDiffusion, "sample", stop_on_call(real, 2))
     out = tmp_path / "stopped"
     r = run(runs["cache"], f"--out_dir={out}", "--num_samples=3", "--batch_size=2", "--height=64", "--width=64")
     assert r.returncode == 130 and "stopped: 2 of 3 images drawn" in r.stderr, r.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["sample.json", "seed0.png", "seed1.png"]
     assert json.load(open(out / "sample.json"))["num_samples"] == 3
-    calls.clear()
-    calls.append(1)  # the first batch is stopped: no image, no record, and the same command runs again
+    # the first batch stopped: no image, no record, so the same command runs again
+    monkeypatch.setattr(StableDiffusion, "sample", stop_on_call(real, 1))
     out = tmp_path / "first"
     r = run(runs["cache"], f"--out_dir={out}", "--num_samples=1", "--height=64", "--width=64")
     assert r.returncode == 130 and os.listdir(out) == [], r.stderr[-2000:]
