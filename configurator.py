@@ -6,8 +6,9 @@ as module globals, then calls configure(globals()), which applies, in order,
 
 a config file (plain Python assigning some of those globals) and --key=value
 overrides (parsed as Python literals, else taken as a string, whose leading ~/ is the
-home folder: the shell leaves it after '='; --key alone sets a boolean to True). Unknown keys and values of the wrong type are errors, so a typo
-never silently trains with a default; None is a value only of settings whose default
+home folder: the shell leaves it after '='; --key alone sets a boolean to True).
+Unknown keys and values of the wrong type are errors, so a typo never silently
+trains with a default; None is a value only of settings whose default
 is None, or that the script names in `nullable`. Names in upper case (CROP) are constants, not
 settings. --help lists every setting with the value it has at that point of the
 command line, so `python train.py config/portrait.py --help` shows what the config sets.

@@ -1679,7 +1679,8 @@ class StableDiffusion(nn.Module):
                                    projection_class_embeddings_input_dim=88, norm_num_groups=8, sample_size=16))
         for m in (text, text_2, vae, unet):
             m.eval().requires_grad_(False)
-        return cls(tokenizer, text, vae, unet, Schedule(ScheduleConfig(timestep_spacing="leading")), tokenizer_2, text_2)
+        schedule = Schedule(ScheduleConfig(timestep_spacing="leading"))  # as SDXL's scheduler_config.json
+        return cls(tokenizer, text, vae, unet, schedule, tokenizer_2, text_2)
 
     def encode_prompts(self, prompts, original_size=None, crops_coords_top_left=(0, 0), target_size=None):
         """

@@ -12,7 +12,8 @@ pastes them into a bilinear enlargement, blended through a face-parsing mask.
     python postprocess.py a.png --parse                      # replace face classes only: hair, background untouched
     python postprocess.py a.png --upsampler=bilinear --parse # as the official inference script
 
-Writes <name>_enhanced.png per input (a config file, a .py argument, sets the settings too). In code: enhance(image) on an HxWx3 uint8 RGB
+Writes <name>_enhanced.png per input (a config file, a .py argument, sets the settings
+too). In code: enhance(image) on an HxWx3 uint8 RGB
 array (sample.py's --postprocess calls it). The ONNX files come from the Hub through
 faces.model_path; --upscaler_model/--restorer_model/--detector_model/--parser_model take local .onnx
 files instead (the names train.py and sample.py use).

@@ -266,7 +266,8 @@ def append_log(row):
                             if kept else "No checkpoint was written yet."))
 
 def read_run_id():
-    """config.json's run id: None without the file, "unreadable" where a write cut it short (before they were written whole)."""
+    """config.json's run id: None without the file, "unreadable" where a write cut it short (before config.json
+    was written whole)."""
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         return None

@@ -55,7 +55,8 @@ def ref_outputs(ref, px, last_block=False):
     hook.remove()
     B, T, D = got[0].shape
     heads = ref.config.num_attention_heads
-    return out.hidden_states[-1] if last_block else out.last_hidden_state, got[0].view(B, T, heads, D // heads).transpose(1, 2)
+    keys = got[0].view(B, T, heads, D // heads).transpose(1, 2)
+    return out.hidden_states[-1] if last_block else out.last_hidden_state, keys
 
 def assert_same_weights(ours, ref):
     """Every parameter of ref sits, under its file name, in ours with equal values, and ours has nothing else."""
@@ -85,7 +86,8 @@ def test_file_names_are_what_transformers_writes(saved):
 @pytest.mark.parametrize("hw", [(32, 32), (48, 40), (24, 24)])
 def test_matches_transformers(saved, hw):
     """A folder saved by transformers loads strictly (pooler dropped, weights equal) and gives its last_hidden_state,
-    its last layer's output before the final layernorm and last-layer keys, at the configured size and at others with interpolate_pos_encoding=True."""
+    its last layer's output before the final layernorm and last-layer keys, at the configured size and at others
+    with interpolate_pos_encoding=True."""
     ref, path = saved
     ours = model.ViT.from_pretrained(str(path))
     assert_same_weights(ours, ref)
@@ -158,7 +160,8 @@ def test_save_pretrained_round_trip(tmp_path):
     assert torch.equal(again(px), ours(px))
 
 def test_keys_carry_gradient_to_the_image():
-    """Images in [0, 1] -> dino_preprocess -> the last block's keys and [CLS] (eq. 11's) backpropagate to the pixels; the ViT stays frozen."""
+    """Images in [0, 1] -> dino_preprocess -> the last block's keys and [CLS] (eq. 11's) backpropagate to the
+    pixels; the ViT stays frozen."""
     vit = model.ViT.tiny()
     images = torch.rand(2, 3, 64, 48, requires_grad=True)
     for which in ("keys", "cls"):
