@@ -26,7 +26,7 @@ from PIL import Image
 
 from configurator import check_choice, check_device, configure
 from data import grid, save_png, to_uint8, write_whole
-from lora import load_result, merge
+from lora import load_result, lora_modules, merge
 from model import DTYPES, AttentionRecorder, StableDiffusion
 
 # -----------------------------------------------------------------------------
@@ -137,6 +137,9 @@ if lora:
     except (FileNotFoundError, ValueError) as e:
         trained_on = f" (it was trained on {run_config['init_from']})" if "init_from" in run_config else ""
         raise SystemExit(f"--lora={lora}{trained_on}: {e}")
+    if lora_scale_text is not None and not any(lora_modules(m) for m in (sd.text_encoder, sd.text_encoder_2) if m):
+        print(f"warning: {lora} trained no text-encoder LoRA: --lora_scale_text={lora_scale_text} has nothing to "
+              "scale (its tokens are used as trained)")
     # the LoRA's scale is now fixed: fold it into the base weights, so sampling needs no extra matmuls
     merge(sd.unet, sd.text_encoder, sd.text_encoder_2)
     print(f"applied {lora} (LoRA scale {lora_scale}); its tokens: {' '.join(tokens)}")

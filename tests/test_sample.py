@@ -85,8 +85,10 @@ def test_sample_lora_folder_or_either_file(runs, tmp_path):
         assert d == 0, f"--lora=<run>/{name} differs from --lora=<run> by {d} levels"
     d = np.abs(image(tmp_path / "base") - folder).mean()
     assert d > 1, f"the LoRA run's image is within {d:.2f} levels (mean) of the base model's"
-    r = run(runs["cache"], f"--out_dir={tmp_path / 'embeds'}", f"--lora={runs['embeds_only']}", prompt, *SMALL)
+    r = run(runs["cache"], f"--out_dir={tmp_path / 'embeds'}", f"--lora={runs['embeds_only']}", prompt, *SMALL,
+            "--lora_scale_text=0.9")  # config/sample_official.py's, for a run without a text-encoder LoRA
     assert r.returncode == 0 and "its tokens: <v1> <v2>" in r.stdout, r.stderr[-2000:]
+    assert "trained no text-encoder LoRA: --lora_scale_text=0.9 has nothing to scale" in r.stdout, r.stdout
 
 def test_sample_attention_from_a_file(runs, tmp_path):
     """--attention with --lora pointing at a file finds the run's config.json beside it and writes the
