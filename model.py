@@ -1623,8 +1623,9 @@ class StableDiffusion(nn.Module):
         self.tokenizer.save(os.path.join(path, "tokenizer"))
         os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
         with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
-            spacing = {k: v for k, v in asdict(self.schedule.config).items() if v is not None}  # None: not said
-            json.dump({"_class_name": "DDIMScheduler", **spacing, "clip_sample": False, "prediction_type": "epsilon"},
+            # the schedule's settings, less a timestep_spacing of None: the file it was read from gave none
+            said = {k: v for k, v in asdict(self.schedule.config).items() if v is not None}
+            json.dump({"_class_name": "DDIMScheduler", **said, "clip_sample": False, "prediction_type": "epsilon"},
                       f, indent=2)
         index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
                  "safety_checker": [None, None], "feature_extractor": [None, None],
